@@ -1,0 +1,75 @@
+"""Conceptrol settings: a frozen, self-validating dataclass and per-architecture presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .errors import ConceptrolError
+
+MaskingMode = Literal["global", "local", "none"]
+
+# The concept-specific cross-attention layer of each U-Net family (arXiv 2503.06568, section 4).
+CONCEPT_LAYERS: dict[str, str] = {
+    "sd15": "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "sdxl": "up_blocks.0.attentions.1.transformer_blocks.3.attn2",
+}
+
+
+@dataclass(frozen=True)
+class ConceptrolConfig:
+    """How Conceptrol masks the adapter. Defaults are the reference algorithm's own."""
+
+    # "global": one concept layer's mask drives every layer (the paper's default);
+    # "local": every layer uses its own mask; "none": plain adapter (masks still located, not applied).
+    masking: MaskingMode = "global"
+    # Attention layer whose text attention gives the concept mask; None = preset of the architecture.
+    concept_layer: str | None = None
+    # Architecture preset ("sd15", "sdxl"); None = detected from the U-Net.
+    architecture: str | None = None
+    # The adapter acts at step k only while start <= k/T and (k+1)/T <= end (T = steps run).
+    start: float = 0.0
+    end: float = 1.0
+    # Adapter scale; None leaves it to diffusers (`pipe.set_ip_adapter_scale`).
+    scale: float | None = None
+    # Keep the concept layer's mask of every step for later inspection (`handle.masks`).
+    record_masks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.masking not in ("global", "local", "none"):
+            raise ConceptrolError(f"masking must be 'global', 'local' or 'none', got {self.masking!r}")
+        if self.architecture is not None and self.architecture not in CONCEPT_LAYERS:
+            raise ConceptrolError(
+                f"unknown architecture {self.architecture!r}; use one of {sorted(CONCEPT_LAYERS)} "
+                "or leave it None to detect it"
+            )
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+                raise ConceptrolError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+        if self.start >= self.end:
+            raise ConceptrolError(
+                f"start ({self.start}) must be smaller than end ({self.end}): the adapter would never act"
+            )
+        if self.scale is not None and (
+            not isinstance(self.scale, (int, float)) or math.isnan(self.scale) or self.scale < 0
+        ):
+            raise ConceptrolError(f"scale must be a number >= 0, got {self.scale!r}")
+        if self.concept_layer is not None:
+            object.__setattr__(self, "concept_layer", normalize_layer_name(self.concept_layer))
+
+    def with_architecture(self, architecture: str) -> ConceptrolConfig:
+        """This config with the architecture (and its preset concept layer, unless one is set) filled in."""
+        layer = self.concept_layer or CONCEPT_LAYERS[architecture]
+        return replace(self, architecture=self.architecture or architecture, concept_layer=layer)
+
+
+def normalize_layer_name(name: str) -> str:
+    """`...attn2` and `...attn2.processor` name the same layer; keep the former."""
+    return name.removesuffix(".processor")
+
+
+def adapter_active(step: int, total_steps: int, start: float, end: float) -> bool:
+    """The warm-up window: the adapter acts at step k unless k/T < start or (k+1)/T > end."""
+    return not (step / total_steps < start or (step + 1) / total_steps > end)

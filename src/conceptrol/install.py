@@ -1,0 +1,173 @@
+"""apply_conceptrol(pipe, config) -> handle; handle(...) runs the pipeline; handle.remove() undoes it."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+from .concepts import resolve_concepts
+from .config import CONCEPT_LAYERS, ConceptrolConfig, normalize_layer_name
+from .errors import ConceptrolError
+from .processors.unet import ConceptrolIPAdapterProcessor
+from .state import ConceptMasks, ConceptrolState
+
+PROCESSOR_SUFFIX = ".processor"
+
+
+def detect_architecture(unet: Any) -> str:
+    """'sdxl' for U-Nets with SDXL's text-time conditioning, else 'sd15'."""
+    return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None) -> ConceptrolHandle:
+    """Install Conceptrol on a diffusers pipeline that has an IP-Adapter loaded; returns the handle."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ConceptrolError(
+            f"{type(pipe).__name__} has no U-Net; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
+            "with an IP-Adapter"
+        )
+    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        raise ConceptrolError(f"{type(pipe).__name__} has no callback_on_step_end, which Conceptrol needs to follow the steps")
+    processors = unet.attn_processors
+    if any(isinstance(p, ConceptrolIPAdapterProcessor) for p in processors.values()):
+        raise ConceptrolError("Conceptrol is already applied to this pipeline; call handle.remove() before applying it again")
+    adapter_layers = {name.removesuffix(PROCESSOR_SUFFIX) for name, p in processors.items() if hasattr(p, "to_k_ip")}
+    if not adapter_layers:
+        raise ConceptrolError(
+            "this pipeline has no IP-Adapter; call pipe.load_ip_adapter(...) first, e.g. "
+            'pipe.load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter-plus_sd15.safetensors")'
+        )
+    config = (config or ConceptrolConfig()).with_architecture(detect_architecture(unet))
+    _check_layer(config.concept_layer, adapter_layers)
+    return ConceptrolHandle(pipe, config)
+
+
+def _check_layer(layer: str, adapter_layers: set[str]) -> None:
+    if layer in adapter_layers:
+        return
+    close = difflib.get_close_matches(layer, sorted(adapter_layers), n=3, cutoff=0.6)
+    hint = f"; did you mean one of {close}?" if close else f"; the presets are {CONCEPT_LAYERS}"
+    raise ConceptrolError(
+        f"concept layer {layer!r} is not a cross-attention layer with an IP-Adapter in this U-Net{hint} "
+        "(names look like 'up_blocks.1.attentions.0.transformer_blocks.0.attn2')"
+    )
+
+
+class ConceptrolHandle:
+    """Owns one Conceptrol install: call it like the pipeline (plus `concepts`), then `remove()`."""
+
+    def __init__(self, pipe: Any, config: ConceptrolConfig) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.state = ConceptrolState(config)
+        unet = pipe.unet
+        self._saved = dict(unet.attn_processors)
+        installed = dict(self._saved)
+        for key, proc in self._saved.items():
+            if hasattr(proc, "to_k_ip"):
+                name = key.removesuffix(PROCESSOR_SUFFIX)
+                installed[key] = ConceptrolIPAdapterProcessor(proc, self.state, name, name == config.concept_layer)
+        unet.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
+        self._installed = installed
+        self._hook = unet.register_forward_pre_hook(self._on_unet_forward, with_kwargs=True)
+
+    @property
+    def masks(self) -> ConceptMasks | None:
+        """Concept masks of the last call: one [samples, concepts, h, w] mask per step, at the concept layer."""
+        return self.state.last_masks
+
+    def __call__(self, prompt: str | list[str] | None = None, concepts: list | None = None, **kwargs: Any) -> Any:
+        """Run the pipeline under Conceptrol; `concepts` holds one concept per reference image."""
+        if self._hook is None:
+            raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
+        if concepts is None:
+            raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt per reference image")
+        resolved = self._resolve(prompt, concepts, kwargs)
+        kwargs = self._with_step_callback(kwargs)
+        self.state.begin(resolved.spans, resolved.labels, total_steps=kwargs.get("num_inference_steps", 50))
+        try:
+            return self.pipe(prompt=prompt, **kwargs)
+        finally:
+            self.state.end()
+
+    def remove(self) -> None:
+        """Restore the exact processor objects that were there before; idempotent."""
+        if self._hook is None:
+            return
+        current = self.pipe.unet.attn_processors
+        if all(current.get(k) is p for k, p in self._installed.items()):
+            self.pipe.unet.set_attn_processor(dict(self._saved))
+        self._hook.remove()
+        self._hook = None
+
+    def _resolve(self, prompt: Any, concepts: list, kwargs: dict) -> Any:
+        num_images = count_reference_images(kwargs, self._num_adapters())
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        num_prompts = len(prompts) if prompts is not None else _embeds_batch(kwargs)
+        num_samples = num_prompts * int(kwargs.get("num_images_per_prompt") or 1)
+        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        resolved = resolve_concepts(tokenizer, prompts, concepts, num_samples)
+        if len(resolved.spans[0]) != num_images:
+            raise ConceptrolError(
+                f"got {len(resolved.spans[0])} concept(s) for {num_images} reference image(s); "
+                "pass exactly one concept per reference image, in the same order"
+            )
+        return resolved
+
+    def _num_adapters(self) -> int:
+        projection = getattr(self.pipe.unet, "encoder_hid_proj", None)
+        return len(getattr(projection, "image_projection_layers", [projection]))
+
+    def _with_step_callback(self, kwargs: dict) -> dict:
+        """Chain a step counter before the user's callback_on_step_end (kept working as before)."""
+        user = kwargs.get("callback_on_step_end")
+        kwargs = dict(kwargs)
+        if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
+            kwargs["callback_on_step_end_tensor_inputs"] = user.tensor_inputs
+        state = self.state
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            state.call.step = step + 1
+            return user(pipe, step, timestep, callback_kwargs) if user is not None else {}
+
+        kwargs["callback_on_step_end"] = on_step_end
+        return kwargs
+
+    def _on_unet_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Read the latent grid and the number of steps the pipeline really runs."""
+        call = self.state.call
+        if call is None:
+            return
+        sample = args[0] if args else kwargs["sample"]
+        call.latent_hw = tuple(sample.shape[-2:])
+        steps = getattr(self.pipe, "_num_timesteps", None)
+        if isinstance(steps, int) and steps > 0:
+            call.total_steps = steps
+
+
+def count_reference_images(kwargs: dict, num_adapters: int) -> int:
+    """How many reference images a call passes, over all loaded IP-Adapters."""
+    embeds = kwargs.get("ip_adapter_image_embeds")
+    if embeds is not None:
+        return sum(e.shape[1] if e.ndim >= 3 else 1 for e in embeds)
+    images = kwargs.get("ip_adapter_image")
+    if images is None:
+        raise ConceptrolError("pass ip_adapter_image (one reference image per concept) or ip_adapter_image_embeds")
+    images = images if isinstance(images, list) else [images]
+    if len(images) != num_adapters:
+        raise ConceptrolError(
+            f"ip_adapter_image has {len(images)} entries but {num_adapters} IP-Adapter(s) are loaded; pass one entry "
+            "per adapter, and several reference images for one adapter as a nested list: [[image_a, image_b]]"
+        )
+    return sum(len(entry) if isinstance(entry, (list, tuple)) else 1 for entry in images)
+
+
+def _embeds_batch(kwargs: dict) -> int:
+    embeds = kwargs.get("prompt_embeds")
+    if embeds is None:
+        raise ConceptrolError("pass prompt (or prompt_embeds with explicit token spans as concepts)")
+    return embeds.shape[0]

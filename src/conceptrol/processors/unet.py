@@ -1,0 +1,197 @@
+"""Conceptrol for IP-Adapter on U-Nets: wraps diffusers' IP-Adapter processor of one cross-attention layer."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+from torch import Tensor, nn
+
+from ..errors import ConceptrolError
+from ..masking import concept_mask, layer_grid, text_attention_probs
+from ..state import CallState, ConceptrolState
+
+
+class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
+    """IP-Adapter attention whose image branch acts only inside the concept mask (arXiv 2503.06568, eq. 5).
+
+    It reuses the wrapped processor's `to_k_ip`, `to_v_ip` and `scale` by reference, so diffusers'
+    `set_ip_adapter_scale` and state dicts see the same weights. Outside a Conceptrol call it defers
+    to the wrapped processor, so a plain `pipe(...)` is vanilla IP-Adapter.
+    """
+
+    def __init__(self, wrapped: nn.Module, state: ConceptrolState, name: str, is_concept_layer: bool) -> None:
+        nn.Module.__init__(self)  # the IP-Adapter weights are the wrapped processor's, not new ones
+        object.__setattr__(self, "wrapped", wrapped)  # not a submodule: no duplicate state-dict keys
+        self.hidden_size = wrapped.hidden_size
+        self.cross_attention_dim = wrapped.cross_attention_dim
+        self.num_tokens = wrapped.num_tokens
+        self.to_k_ip = wrapped.to_k_ip
+        self.to_v_ip = wrapped.to_v_ip
+        self.state = state
+        self.name = name
+        self.is_concept_layer = is_concept_layer
+
+    @property
+    def scale(self) -> list:
+        return self.wrapped.scale
+
+    @scale.setter
+    def scale(self, value: list) -> None:
+        self.wrapped.scale = value
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | tuple | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        scale: float = 1.0,
+        ip_adapter_masks: Tensor | list | None = None,
+    ) -> Tensor:
+        call = self.state.call
+        if call is None or not isinstance(encoder_hidden_states, tuple):
+            return self.wrapped(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                scale=scale, ip_adapter_masks=ip_adapter_masks)
+        text_states, ip_states = encoder_hidden_states
+        residual = hidden_states
+        x, spatial_shape = _tokens_in(attn, hidden_states, temb)
+        attention_mask = _attention_bias(attn, attention_mask, text_states)
+        query, key, out = _text_attention(attn, x, text_states, attention_mask)
+        masks = self._concept_masks(call, query, key, attention_mask)
+        if self.state.adapter_active():
+            out = self._add_adapter_branch(attn, out, query, ip_states, masks, ip_adapter_masks)
+        return _tokens_out(attn, out, residual, spatial_shape)
+
+    def _concept_masks(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+        """The mask of each row and concept at this layer, [R, J, N], or None when masking is off."""
+        mode = self.state.config.masking
+        if mode == "none" or not (self.is_concept_layer or self.state.adapter_active()):
+            return None
+        rows, num_samples = query.shape[0], call.num_samples
+        if rows not in (num_samples, 2 * num_samples):
+            raise ConceptrolError(f"the U-Net got {rows} rows for {num_samples} samples; this pipeline is not supported")
+        grid = layer_grid(call.latent_hw, query.shape[2])
+        if self.is_concept_layer or mode == "local" or call.global_mask is None:
+            mask = self._local_mask(call, query, key, attention_mask)  # [S, J, N]
+            if self.is_concept_layer:
+                self._store(call, mask.unflatten(-1, grid))
+        else:
+            mask = call.global_on(grid)
+        return mask.repeat(rows // num_samples, 1, 1)  # both CFG halves use the sample's conditional mask
+
+    def _local_mask(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor:
+        cond = slice(query.shape[0] - call.num_samples, query.shape[0])  # [uncond | cond]: the last S rows
+        bias = attention_mask[cond] if attention_mask is not None else None
+        probs = text_attention_probs(query[cond], key[cond], bias)  # [S, H, N, T]
+        return concept_mask(probs, call.weights(key.shape[2], query.device))
+
+    def _store(self, call: CallState, mask: Tensor) -> None:
+        call.store_global(mask)
+        if self.state.config.record_masks:
+            call.records.append(mask.detach())
+
+    def _add_adapter_branch(self, attn: Attention, out: Tensor, query: Tensor, ip_states: list[Tensor],
+                            masks: Tensor | None, user_masks: Tensor | list | None) -> Tensor:
+        """out + Σ_i scale_i · M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i, each reference image its own softmax."""
+        user_masks = _user_masks(user_masks, len(ip_states))
+        concept = 0
+        for adapter, states in enumerate(ip_states):
+            states = states if states.ndim == 4 else states.unsqueeze(1)  # [R, images, tokens, C]
+            scales = self._scales(adapter, states.shape[1])
+            if masks is None and user_masks[adapter] is None:  # diffusers' own path: one softmax over all images
+                if scales[0] != 0:
+                    out = out + scales[0] * self._attend(attn, query, adapter, states.flatten(1, 2))
+                concept += states.shape[1]
+                continue
+            for image in range(states.shape[1]):
+                if scales[image] != 0:
+                    branch = self._attend(attn, query, adapter, states[:, image])
+                    weight = self._branch_mask(masks, concept, user_masks[adapter], image, branch)
+                    out = out + scales[image] * (branch * weight)
+                concept += 1
+        if masks is not None and concept != masks.shape[1]:
+            raise ConceptrolError(f"got {masks.shape[1]} concepts for {concept} reference images; pass one concept per image")
+        return out
+
+    def _attend(self, attn: Attention, query: Tensor, adapter: int, tokens: Tensor) -> Tensor:
+        rows, heads, _, head_dim = query.shape
+        key = self.to_k_ip[adapter](tokens).view(rows, -1, heads, head_dim).transpose(1, 2)
+        value = self.to_v_ip[adapter](tokens).view(rows, -1, heads, head_dim).transpose(1, 2)
+        hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        return hidden.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)  # [R, N, C]
+
+    @staticmethod
+    def _branch_mask(masks: Tensor | None, concept: int, user_mask: Tensor | None, image: int, branch: Tensor) -> Tensor | float:
+        weight = 1.0
+        if masks is not None:
+            weight = masks[:, concept, :, None].to(branch.dtype)  # [R, N, 1]
+        if user_mask is not None:
+            down = IPAdapterMaskProcessor.downsample(user_mask[:, image], branch.shape[0], branch.shape[1], 1)
+            weight = weight * down.to(dtype=branch.dtype, device=branch.device)
+        return weight
+
+    def _scales(self, adapter: int, num_images: int) -> list[float]:
+        """Scale of each image of one adapter: the config's if set, else diffusers'."""
+        override = self.state.config.scale
+        scale = self.wrapped.scale[adapter] if override is None else override
+        return list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_images
+
+
+def _user_masks(masks: Tensor | list | None, num_adapters: int) -> list[Tensor | None]:
+    """Users' own `ip_adapter_masks`, one [1, images, H, W] entry (or None) per adapter."""
+    if masks is None:
+        return [None] * num_adapters
+    if not isinstance(masks, list):
+        masks = list(masks.unsqueeze(1))  # legacy [adapters, 1, H, W] tensor, as diffusers accepts it
+    if len(masks) != num_adapters:
+        raise ConceptrolError(f"ip_adapter_masks has {len(masks)} entries for {num_adapters} IP-Adapters")
+    return masks
+
+
+# The helpers below follow diffusers' IPAdapterAttnProcessor2_0.__call__ (models/attention_processor.py).
+def _tokens_in(attn: Attention, hidden_states: Tensor, temb: Tensor | None) -> tuple[Tensor, tuple | None]:
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    spatial_shape = None
+    if hidden_states.ndim == 4:
+        spatial_shape = hidden_states.shape
+        batch, channel, height, width = spatial_shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)  # [R, N, C]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, spatial_shape
+
+
+def _attention_bias(attn: Attention, attention_mask: Tensor | None, text: Tensor) -> Tensor | None:
+    if attention_mask is None:
+        return None
+    rows = text.shape[0]
+    attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], rows)
+    return attention_mask.view(rows, attn.heads, -1, attention_mask.shape[-1])  # [R, H, 1 or N, T]
+
+
+def _text_attention(attn: Attention, x: Tensor, text: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Query [R, H, N, d], text key [R, H, T, d] and the text branch A_txt V_txt [R, N, C]."""
+    rows = text.shape[0]
+    query = attn.to_q(x)
+    if attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    key, value = attn.to_k(text), attn.to_v(text)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim).to(query.dtype)
+    return query, key, out
+
+
+def _tokens_out(attn: Attention, out: Tensor, residual: Tensor, spatial_shape: tuple | None) -> Tensor:
+    out = attn.to_out[1](attn.to_out[0](out))  # linear projection, dropout
+    if spatial_shape is not None:
+        out = out.transpose(-1, -2).reshape(spatial_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor

@@ -1,0 +1,99 @@
+"""Per-generation state shared by the processors of one handle (no module-level state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import ConceptrolConfig, adapter_active
+from .masking import resize_mask, span_weights
+
+
+@dataclass
+class ConceptMasks:
+    """Concept masks read at the concept layer during one call."""
+
+    masks: Tensor  # [steps, samples, concepts, h, w], fp32 on the CPU, each in [0, 1]
+    concepts: list[list[str]]  # the concept text (or span) of each sample and reference image
+    layer: str  # the layer the masks were read at
+
+    def final(self) -> Tensor:
+        """The mask of the last step: [samples, concepts, h, w]."""
+        return self.masks[-1]
+
+
+@dataclass
+class CallState:
+    """What one pipeline call needs: spans, the step, and the stored global mask."""
+
+    spans: list[list[slice]]  # [sample][concept] token span in the text context
+    labels: list[list[str]]  # [sample][concept] for display
+    total_steps: int  # best guess until the pipeline reports the steps it really runs
+    latent_hw: tuple[int, int] | None = None  # set from the U-Net input on every evaluation
+    step: int = 0
+    global_mask: Tensor | None = None  # [S, J, h, w] from the concept layer
+    _resized: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    _weights: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
+    records: list[Tensor] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.spans)
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.spans[0])
+
+    def weights(self, num_tokens: int, device: torch.device) -> Tensor:
+        """Span-averaging weights [S, J, T], built once per call and device."""
+        key = (num_tokens, device)
+        if key not in self._weights:
+            for sample_spans in self.spans:
+                for span in sample_spans:
+                    if span.stop > num_tokens:
+                        raise ValueError(
+                            f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
+                            "the model receives"
+                        )
+            self._weights[key] = span_weights(self.spans, num_tokens, device)
+        return self._weights[key]
+
+    def store_global(self, mask: Tensor) -> None:
+        """The concept layer's mask [S, J, h, w] becomes the one every other layer uses."""
+        self.global_mask = mask
+        self._resized = {}
+
+    def global_on(self, grid: tuple[int, int]) -> Tensor:
+        """The stored mask resized to a layer's grid (nearest neighbour): [S, J, h*w]."""
+        if grid not in self._resized:
+            self._resized[grid] = resize_mask(self.global_mask, grid)
+        return self._resized[grid]
+
+
+class ConceptrolState:
+    """Owned by one handle; its processors read and write the current call through it."""
+
+    def __init__(self, config: ConceptrolConfig) -> None:
+        self.config = config
+        self.call: CallState | None = None
+        self.last_masks: ConceptMasks | None = None
+
+    def begin(self, spans: list[list[slice]], labels: list[list[str]], total_steps: int) -> None:
+        self.call = CallState(spans=spans, labels=labels, total_steps=total_steps)
+        self.last_masks = None
+
+    def end(self) -> None:
+        """Release the call's tensors, keeping the recorded masks on the CPU."""
+        call, self.call = self.call, None
+        if call is not None and call.records:
+            self.last_masks = ConceptMasks(
+                masks=torch.stack([r.float().cpu() for r in call.records]),
+                concepts=call.labels,
+                layer=self.config.concept_layer,
+            )
+
+    def adapter_active(self) -> bool:
+        call = self.call
+        return adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
