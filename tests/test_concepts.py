@@ -1,0 +1,97 @@
+"""Locating concepts with CLIP's real tokenizer."""
+
+import pytest
+
+from conceptrol import Concept, ConceptNotFoundError, ConceptrolError, find_concept_span
+from conceptrol.concepts import resolve_concepts
+
+
+def tokens(tok, prompt, span):
+    return tok.convert_ids_to_tokens(tok(prompt).input_ids[span])
+
+
+def test_single_word_span_counts_the_start_token(clip_tok):
+    span = find_concept_span(clip_tok, "a dog surfing a wave", "dog")
+    assert span == slice(2, 3)
+    assert tokens(clip_tok, "a dog surfing a wave", span) == ["dog</w>"]
+
+
+def test_multi_token_concept(clip_tok):
+    prompt = "a teddy bear reading a book"
+    span = find_concept_span(clip_tok, prompt, "teddy bear")
+    assert tokens(clip_tok, prompt, span) == ["teddy</w>", "bear</w>"]
+
+
+def test_sub_word_concept_spans_all_its_pieces(clip_tok):
+    prompt = "a photo of a corgipoo on the grass"
+    span = find_concept_span(clip_tok, prompt, "corgipoo")
+    assert span.stop - span.start > 1
+    assert "".join(tokens(clip_tok, prompt, span)).replace("</w>", "") == "corgipoo"
+
+
+def test_case_and_punctuation_do_not_matter(clip_tok):
+    assert find_concept_span(clip_tok, "A DOG, surfing!", "Dog") == slice(2, 3)
+
+
+def test_repeated_word_picks_the_requested_occurrence(clip_tok):
+    prompt = "a dog next to another dog"
+    assert find_concept_span(clip_tok, prompt, "dog") == slice(2, 3)
+    assert find_concept_span(clip_tok, prompt, Concept("dog", occurrence=1)) == slice(6, 7)
+    with pytest.raises(ConceptNotFoundError, match="occurs 2 time"):
+        find_concept_span(clip_tok, prompt, Concept("dog", occurrence=2))
+
+
+def test_concept_missing_from_prompt_says_so_and_suggests_the_closest_word(clip_tok):
+    with pytest.raises(ConceptNotFoundError, match=r"'dgo' not found in prompt 'a dog on a beach'.*did you mean 'dog'"):
+        find_concept_span(clip_tok, "a dog on a beach", "dgo")
+
+
+def test_part_of_a_word_is_not_the_word(clip_tok):
+    with pytest.raises(ConceptNotFoundError, match="did you mean 'dogs'"):
+        find_concept_span(clip_tok, "two dogs on a beach", "dog")
+
+
+def test_concept_past_the_77_token_limit_is_an_error(clip_tok):
+    prompt = "a " * 80 + "dog"
+    with pytest.raises(ConceptNotFoundError, match="past the text encoder's limit of 77 tokens"):
+        find_concept_span(clip_tok, prompt, "dog")
+    last_kept = "a " * 74 + "dog"  # BOS + 74 words + dog = position 75, the last one before EOS
+    assert find_concept_span(clip_tok, last_kept, "dog") == slice(75, 76)
+
+
+def test_empty_concept_is_rejected(clip_tok):
+    with pytest.raises(ConceptrolError, match="non-empty"):
+        find_concept_span(clip_tok, "a dog", "  ")
+
+
+def test_one_concept_list_applies_to_every_prompt_and_repeats_per_image(clip_tok):
+    resolved = resolve_concepts(clip_tok, ["a dog", "one big dog"], ["dog"], num_samples=4)
+    assert resolved.spans == [[slice(2, 3)]] * 2 + [[slice(3, 4)]] * 2
+    assert resolved.labels == [["dog"]] * 4
+
+
+def test_per_prompt_concept_lists(clip_tok):
+    resolved = resolve_concepts(clip_tok, ["a dog", "a red car"], [["dog"], ["car"]], num_samples=2)
+    assert resolved.spans == [[slice(2, 3)], [slice(3, 4)]]
+
+
+def test_explicit_token_spans_work_without_a_prompt(clip_tok):
+    resolved = resolve_concepts(clip_tok, None, [(2, 4)], num_samples=2)
+    assert resolved.spans == [[slice(2, 4)], [slice(2, 4)]]
+    with pytest.raises(ConceptrolError, match="explicit"):
+        resolve_concepts(clip_tok, None, ["dog"], num_samples=1)
+
+
+@pytest.mark.parametrize("bad", [(3, 3), (-1, 2), slice(None, 4)])
+def test_bad_explicit_spans_are_rejected(clip_tok, bad):
+    with pytest.raises(ConceptrolError, match="token span"):
+        resolve_concepts(clip_tok, ["a dog"], [bad], num_samples=1)
+
+
+def test_mismatched_concept_lists_are_rejected(clip_tok):
+    with pytest.raises(ConceptrolError, match="2 prompts"):
+        resolve_concepts(clip_tok, ["a dog", "a cat"], [["dog"], ["cat"], ["cat"]], num_samples=2)
+    with pytest.raises(ConceptrolError, match="same number"):
+        resolve_concepts(clip_tok, ["a dog", "a cat"], [["dog"], ["cat", "a"]], num_samples=2)
+    with pytest.raises(ConceptrolError, match="non-empty list"):
+        resolve_concepts(clip_tok, ["a dog"], "dog", num_samples=1)
