@@ -1,0 +1,97 @@
+"""`conceptrol generate` and `conceptrol demo`: thin front-ends over the library's dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import ConceptrolError
+from .generate import NEGATIVE_PROMPT, GenerateSettings
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x768 (WIDTHxHEIGHT), got {text!r}") from None
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conceptrol", description="Conceptrol: personalization adapters that follow the prompt.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images with Conceptrol (real weights)")
+    gen.add_argument("--prompt", required=True, help="the text prompt")
+    gen.add_argument("--image", type=Path, action="append", required=True, help="reference image (repeat for several subjects)")
+    gen.add_argument("--concept", action="append", required=True, help="the prompt's word for each --image, in order")
+    gen.add_argument("--model", default="sd15", help="sd15, sdxl, a hub id or a local folder (default: sd15)")
+    gen.add_argument("--adapter", default="plus", help="IP-Adapter variant: base, plus, plus-face, full-face (default: plus)")
+    gen.add_argument("--adapter-repo", default="h94/IP-Adapter", help="hub id or local copy of h94/IP-Adapter")
+    gen.add_argument("--masking", default="global", choices=["global", "local", "none"], help="none = vanilla IP-Adapter")
+    gen.add_argument("--scale", type=float, help="adapter scale (default: 1.5 for SD 1.5, 1.0 for SDXL)")
+    gen.add_argument("--start", type=float, help="fraction of steps before the adapter acts (default: 0.2)")
+    gen.add_argument("--end", type=float, default=1.0, help="fraction of steps after which it stops (default: 1.0)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: 50)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance (default: 7.5 for SD 1.5, 6.0 for SDXL)")
+    gen.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    gen.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    gen.add_argument("--save-masks", action="store_true", help="also save concept-mask overlays")
+    demo = commands.add_parser("demo", help="run offline on a tiny random model and write images and masks")
+    demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"))
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+
+    fields = {k: v for k, v in vars(args).items() if k != "command"}
+    settings = GenerateSettings(**fields | {"image": tuple(args.image), "concept": tuple(args.concept)})
+    for path in generate(settings).files:
+        print(path)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .offline_demo import run_offline_demo
+
+    for path in run_offline_demo(args.out, steps=args.steps, seed=args.seed):
+        print(path)
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' advisory warnings and retry logs out of the CLI's output (errors still show)."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging_module in (diffusers_logging, hub_logging, transformers_logging):
+        logging_module.set_verbosity_error()
+    for library in ("diffusers", "transformers", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=library)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    except ConceptrolError as error:
+        print(f"conceptrol: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptrol: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""One generation from settings to files: the library function behind `conceptrol generate` and the demo."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import ConceptrolConfig
+from .errors import ConceptrolError
+from .images import load_reference_image, mask_overlay
+from .install import apply_conceptrol, detect_architecture
+
+NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
+# The paper's demo settings (ALGORITHM.md): scale, warm-up start, steps, classifier-free guidance.
+PAPER_DEMO = {
+    "sd15": dict(scale=1.5, start=0.2, steps=50, guidance=7.5),
+    "sdxl": dict(scale=1.0, start=0.2, steps=50, guidance=6.0),
+}
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What `conceptrol generate` does; None fields take the paper's demo value for the architecture."""
+
+    prompt: str
+    concept: tuple[str, ...]  # one concept per reference image
+    image: tuple[Path, ...]  # reference image files
+    model: str = "sd15"  # preset (sd15, sdxl), hub id or local folder
+    adapter: str = "plus"  # IP-Adapter variant (see loading.ADAPTERS)
+    adapter_repo: str = "h94/IP-Adapter"  # hub id or local copy of the IP-Adapter repository
+    masking: str = "global"  # global, local, or none (vanilla IP-Adapter)
+    scale: float | None = None
+    start: float | None = None
+    end: float = 1.0
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str = NEGATIVE_PROMPT
+    seed: int = 0
+    size: tuple[int, int] | None = None  # (width, height); None = the model's default
+    num_images: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    out: Path = Path("outputs")
+    save_masks: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.concept) != len(self.image):
+            raise ConceptrolError(
+                f"got {len(self.concept)} concept(s) for {len(self.image)} reference image(s); "
+                "pass one --concept per --image, in the same order"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ConceptrolError(f"steps must be at least 1, got {self.steps}")
+        if self.num_images < 1:
+            raise ConceptrolError(f"num_images must be at least 1, got {self.num_images}")
+        if self.size is not None and any(s < 8 or s % 8 for s in self.size):
+            raise ConceptrolError(f"size must be WIDTHxHEIGHT in multiples of 8, got {self.size}")
+
+
+@dataclass
+class GenerateResult:
+    images: list[Image.Image]
+    masks: Any  # ConceptMasks of the call, or None with masking none
+    files: list[Path] = field(default_factory=list)
+
+
+def prepare_output_dir(out: Path) -> Path:
+    """Create the output folder and prove it is writable, before any model is loaded."""
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConceptrolError(f"cannot write to output folder {out} ({error.strerror or error}); pass a writable --out") from None
+    return out
+
+
+def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
+    """Generate with Conceptrol and save images (and mask overlays) into `settings.out`."""
+    out = prepare_output_dir(settings.out)
+    references = [load_reference_image(path) for path in settings.image]
+    if pipe is None:
+        from .loading import load_pipeline, pick_device, pick_dtype
+
+        device = pick_device(settings.device)
+        pipe = load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, pick_dtype(settings.dtype, device))
+    result = run_conceptrol(pipe, settings, references)
+    result.files = save_result(result, settings, out)
+    return result
+
+
+def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image]) -> GenerateResult:
+    """Call `pipe` under Conceptrol with the settings, paper defaults filled in; the pipeline is left as found."""
+    demo = PAPER_DEMO[detect_architecture(pipe.unet)]
+    start = demo["start"] if settings.start is None else settings.start
+    config = ConceptrolConfig(masking=settings.masking, start=start, end=settings.end,
+                              scale=demo["scale"] if settings.scale is None else settings.scale)
+    width, height = settings.size or (None, None)
+    handle = apply_conceptrol(pipe, config)
+    try:
+        output = handle(
+            prompt=settings.prompt, concepts=list(settings.concept), ip_adapter_image=[references],
+            negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps or demo["steps"],
+            guidance_scale=demo["guidance"] if settings.guidance is None else settings.guidance,
+            num_images_per_prompt=settings.num_images, width=width, height=height,
+            generator=torch.Generator("cpu").manual_seed(settings.seed),
+        )
+    finally:
+        handle.remove()
+    return GenerateResult(images=list(output.images), masks=handle.masks)
+
+
+def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -> list[Path]:
+    """Write images (and overlays) under `out` only; names are built from safe characters."""
+    files = []
+    for index, image in enumerate(result.images):
+        stem = f"{settings.masking}-seed{settings.seed}-{index}"
+        files.append(_save(image, out, f"{stem}.png"))
+        if settings.save_masks and result.masks is not None:
+            for j, concept in enumerate(settings.concept):
+                overlay = mask_overlay(image, result.masks.final()[index, j])
+                files.append(_save(overlay, out, f"{stem}-mask{j}-{safe_name(concept)}.png"))
+    return files
+
+
+def safe_name(text: str) -> str:
+    """A file-name fragment of letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
+
+
+def _save(image: Image.Image, out: Path, name: str) -> Path:
+    path = out / name
+    image.save(path)
+    return path

@@ -1,0 +1,94 @@
+"""Loading real pipelines and IP-Adapters by preset name or local folder, with errors that say what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConceptrolError
+
+MODEL_PRESETS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+ADAPTER_REPO = "h94/IP-Adapter"
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """Where one IP-Adapter variant lives inside h94/IP-Adapter (or a local copy of it)."""
+
+    subfolder: str
+    weight_name: str
+    image_encoder: str  # folder of the CLIP image encoder it was trained with, relative to the repo root
+
+
+ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
+    "sd15": {
+        "base": AdapterWeights("models", "ip-adapter_sd15.safetensors", "models/image_encoder"),
+        "plus": AdapterWeights("models", "ip-adapter-plus_sd15.safetensors", "models/image_encoder"),
+        "plus-face": AdapterWeights("models", "ip-adapter-plus-face_sd15.safetensors", "models/image_encoder"),
+        "full-face": AdapterWeights("models", "ip-adapter-full-face_sd15.safetensors", "models/image_encoder"),
+    },
+    "sdxl": {
+        "base": AdapterWeights("sdxl_models", "ip-adapter_sdxl.safetensors", "sdxl_models/image_encoder"),
+        "plus": AdapterWeights("sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder"),
+        "plus-face": AdapterWeights("sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder"),
+    },
+}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in choices:
+        raise ConceptrolError(f"dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
+    return choices[dtype]
+
+
+def load_pipeline(model: str, adapter: str, adapter_repo: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A text-to-image pipeline (SD 1.5 or SDXL) with the chosen IP-Adapter loaded."""
+    from diffusers import AutoPipelineForText2Image
+
+    source = MODEL_PRESETS.get(model, model)
+    pipe = _fetch("the model", source, "--model",
+                  lambda: AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype))
+    architecture = "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
+    weights = adapter_weights(architecture, adapter)
+    _fetch(f"IP-Adapter {weights.weight_name}", adapter_repo, "--adapter-repo",
+           lambda: pipe.load_ip_adapter(adapter_repo, subfolder=weights.subfolder, weight_name=weights.weight_name,
+                                        image_encoder_folder=weights.image_encoder))
+    return pipe.to(device)
+
+
+def adapter_weights(architecture: str, adapter: str) -> AdapterWeights:
+    choices = ADAPTERS[architecture]
+    if adapter not in choices:
+        raise ConceptrolError(f"unknown adapter {adapter!r} for {architecture}; choose one of {', '.join(choices)}")
+    return choices[adapter]
+
+
+def _fetch(what: str, source: str, flag: str, load: Callable[[], Any]) -> Any:
+    try:
+        return load()
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip('.')
+        local = Path(source).expanduser().exists()
+        hint = (f"check that {source} holds the files diffusers expects" if local else
+                f"if the Hugging Face Hub is unreachable from here, download it where it is "
+                f"(`hf download {source} --local-dir DIR`) and pass {flag} DIR")
+        raise ConceptrolError(f"could not load {what} from {source!r}: {reason}; {hint}") from None
