@@ -12,6 +12,8 @@ import torch  # noqa: E402
 from helpers import real_clip_tokenizer  # noqa: E402
 
 torch.set_num_threads(2)
+torch.backends.cudnn.allow_tf32 = False  # exact fp32 comparisons when the tests run on a GPU
+torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

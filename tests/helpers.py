@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from PIL import Image
 
 from conceptrol.tiny import clip_tokenizer
 
+# Tests run on the CPU; CONCEPTROL_TEST_DEVICE=cuda runs the pipeline tests on a GPU.
+DEVICE = torch.device(os.environ.get("CONCEPTROL_TEST_DEVICE", "cpu"))
 SD15_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 SDXL_LAYER = "up_blocks.0.attentions.1.transformer_blocks.3.attn2"
 
@@ -93,7 +96,7 @@ class ReferenceProcessor:
     def _mask(self, probs, s, concept, heads, cfg, num_samples, grid):
         run = self.run
         if run.masking == "none":
-            return torch.ones(probs.shape[1])
+            return torch.ones(probs.shape[1], device=probs.device)
         is_concept_layer = self.name == run.concept_layer
         key = (s, concept)
         if run.masking == "global" and not is_concept_layer and key in run.global_masks:

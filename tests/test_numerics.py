@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import SD15_LAYER, SDXL_LAYER, ReferenceRun, reference_image, run_reference
+from helpers import DEVICE, SD15_LAYER, SDXL_LAYER, ReferenceRun, reference_image, run_reference
 
 from conceptrol import ConceptrolConfig, apply_conceptrol, find_concept_span
 from conceptrol.tiny import load_tiny_ip_adapter, tiny_sd15_pipeline, tiny_sdxl_pipeline
@@ -16,7 +16,7 @@ def make_pipe(arch, kinds="plus", tokenizer=None):
     pipe = ARCHS[arch][0](tokenizer=tokenizer)
     load_tiny_ip_adapter(pipe, kinds)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(DEVICE)
 
 
 def kwargs(**over):

@@ -10,7 +10,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
 )
 from diffusers.image_processor import IPAdapterMaskProcessor
-from helpers import reference_image
+from helpers import DEVICE, reference_image
 from PIL import Image
 from test_numerics import PROMPT, kwargs
 
@@ -49,6 +49,7 @@ def test_pipeline_variants_are_vanilla_with_masking_off_and_masked_with_it_on(va
     pipe = build()
     load_tiny_ip_adapter(pipe, "plus")
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(DEVICE)
     args = kwargs(**extra)
     args.pop("height"), args.pop("width")
     if variant != "controlnet":
@@ -72,6 +73,7 @@ def test_users_ip_adapter_masks_multiply_the_concept_mask():
     pipe = tiny_sd15_pipeline()
     load_tiny_ip_adapter(pipe, "plus")
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(DEVICE)
     processor = IPAdapterMaskProcessor()
     zero = processor.preprocess([Image.new("L", (48, 32), 0)], height=32, width=48)
     ones = processor.preprocess([Image.new("L", (48, 32), 255)], height=32, width=48)
@@ -90,6 +92,7 @@ def test_users_ip_adapter_masks_match_diffusers_with_masking_off():
     pipe = tiny_sd15_pipeline()
     load_tiny_ip_adapter(pipe, "plus")
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(DEVICE)
     half = Image.new("L", (48, 32), 0)
     half.paste(255, (0, 0, 24, 32))
     mask = IPAdapterMaskProcessor().preprocess([half], height=32, width=48)
@@ -104,6 +107,7 @@ def test_half_precision_runs_and_stays_close_to_fp32(dtype):
     pipe = tiny_sd15_pipeline()
     load_tiny_ip_adapter(pipe, "plus")
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(DEVICE)
     handle = apply_conceptrol(pipe)
     full = handle(PROMPT, concepts=["dog"], **kwargs()).images
     full_masks = handle.masks.masks

@@ -13,7 +13,7 @@ from PIL import Image
 
 from .config import ConceptrolConfig
 from .errors import ConceptrolError
-from .images import load_reference_image, mask_overlay
+from .images import load_reference_image
 from .install import apply_conceptrol, detect_architecture
 
 NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
@@ -125,7 +125,7 @@ def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -
         files.append(_save(image, out, f"{stem}.png"))
         if settings.save_masks and result.masks is not None:
             for j, concept in enumerate(settings.concept):
-                overlay = mask_overlay(image, result.masks.final()[index, j])
+                overlay = result.masks.overlay(image, sample=index, concept=j)
                 files.append(_save(overlay, out, f"{stem}-mask{j}-{safe_name(concept)}.png"))
     return files
 

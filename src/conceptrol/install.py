@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from typing import Any
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -87,6 +88,8 @@ class ConceptrolHandle:
         if concepts is None:
             raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt per reference image")
         resolved = self._resolve(prompt, concepts, kwargs)
+        if kwargs.get("prompt_2") not in (None, prompt):
+            warnings.warn("concept positions are read from `prompt`; a different `prompt_2` is not searched", stacklevel=2)
         kwargs = self._with_step_callback(kwargs)
         self.state.begin(resolved.spans, resolved.labels, total_steps=kwargs.get("num_inference_steps", 50))
         try:

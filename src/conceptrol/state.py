@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .config import ConceptrolConfig, adapter_active
+from .images import mask_overlay
 from .masking import resize_mask, span_weights
 
 
@@ -22,6 +24,10 @@ class ConceptMasks:
     def final(self) -> Tensor:
         """The mask of the last step: [samples, concepts, h, w]."""
         return self.masks[-1]
+
+    def overlay(self, image: Image.Image, sample: int = 0, concept: int = 0, step: int = -1) -> Image.Image:
+        """One mask as a heat map over a generated image (the mask is upsampled to the image's size)."""
+        return mask_overlay(image, self.masks[step, sample, concept])
 
 
 @dataclass

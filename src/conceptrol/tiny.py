@@ -127,20 +127,28 @@ def tiny_sdxl_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None, pi
     )
 
 
-def ip_adapter_state_dict(unet: UNet2DConditionModel, kind: str = "plus", seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random IP-Adapter weights for `unet` in the original checkpoint format (`image_proj.*`, `ip_adapter.*`)."""
+def ip_adapter_state_dict(
+    unet: UNet2DConditionModel, kind: str = "plus", seed: int = 0, clip_dim: int = 32, resampler_width: int = 32,
+    queries: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Random IP-Adapter weights for `unet` in the original checkpoint format (`image_proj.*`, `ip_adapter.*`).
+
+    `clip_dim` is the image encoder's width (and projection size); the real SD 1.5 Plus adapter has
+    clip_dim=1280 (ViT-H), resampler_width=768 and queries=16.
+    """
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"kind must be one of {ADAPTER_KINDS}")
     generator = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
-    state = {f"image_proj.{k}": v for k, v in _image_proj(kind, cross, generator).items()}
+    proj = _image_proj(kind, cross, generator, clip_dim, resampler_width, queries)
+    state = {f"image_proj.{k}": v for k, v in proj.items()}
     key_id = 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
             continue
         hidden = _hidden_size(unet, name)
         for part in ("to_k_ip", "to_v_ip"):
-            state[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.3
+            state[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(hidden, cross, generator=generator) / cross**0.5
         key_id += 2
     return state
 
@@ -153,18 +161,17 @@ def _hidden_size(unet: UNet2DConditionModel, name: str) -> int:
     return list(reversed(channels))[level] if name.startswith("up_blocks") else channels[level]
 
 
-def _image_proj(kind: str, cross: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _image_proj(kind: str, cross: int, g: torch.Generator, clip: int, width: int, queries: int) -> dict[str, torch.Tensor]:
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.2
+        return torch.randn(*shape, generator=g) / shape[-1] ** 0.5
 
-    clip = 32  # the tiny image encoder's width and projection size
     if kind == "base":
         return {"proj.weight": rand(4 * cross, clip), "proj.bias": rand(4 * cross),
                 "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
     if kind == "full-face":
         return {"proj.0.weight": rand(clip, clip), "proj.0.bias": rand(clip), "proj.2.weight": rand(cross, clip),
                 "proj.2.bias": rand(cross), "proj.3.weight": torch.ones(cross), "proj.3.bias": torch.zeros(cross)}
-    width, inner, queries = 32, 64, 8  # Resampler: latent width, one 64-wide head, 8 query tokens
+    inner = max(64, width)  # Resampler attention: heads of 64 channels
     state = {"latents": rand(1, queries, width), "proj_in.weight": rand(width, clip), "proj_in.bias": rand(width),
              "proj_out.weight": rand(cross, width), "proj_out.bias": rand(cross),
              "norm_out.weight": torch.ones(cross), "norm_out.bias": torch.zeros(cross)}
