@@ -146,7 +146,7 @@ class ConceptrolHandle:
         if call is None:
             return
         sample = args[0] if args else kwargs["sample"]
-        call.latent_hw = tuple(sample.shape[-2:])
+        call.set_latent_size(tuple(sample.shape[-2:]))
         steps = getattr(self.pipe, "_num_timesteps", None)
         if isinstance(steps, int) and steps > 0:
             call.total_steps = steps

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .config import ConceptrolConfig, adapter_active
 from .images import mask_overlay
-from .masking import resize_mask, span_weights
+from .masking import layer_grid, resize_mask, row_weights, span_weights
 
 
 @dataclass
@@ -40,7 +40,8 @@ class CallState:
     latent_hw: tuple[int, int] | None = None  # set from the U-Net input on every evaluation
     step: int = 0
     global_mask: Tensor | None = None  # [S, J, h, w] from the concept layer
-    _resized: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    _grids: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _resized: dict[tuple, Tensor] = field(default_factory=dict)
     _weights: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
     records: list[Tensor] = field(default_factory=list)
 
@@ -71,11 +72,25 @@ class CallState:
         self.global_mask = mask
         self._resized = {}
 
-    def global_on(self, grid: tuple[int, int]) -> Tensor:
-        """The stored mask resized to a layer's grid (nearest neighbour): [S, J, h*w]."""
-        if grid not in self._resized:
-            self._resized[grid] = resize_mask(self.global_mask, grid)
-        return self._resized[grid]
+    def set_latent_size(self, latent_hw: tuple[int, int]) -> None:
+        if latent_hw != self.latent_hw:
+            self.latent_hw, self._grids = latent_hw, {}
+
+    def grid(self, num_tokens: int) -> tuple[int, int]:
+        """The (h, w) grid of a layer with `num_tokens` positions, for this call's latent size."""
+        if num_tokens not in self._grids:
+            self._grids[num_tokens] = layer_grid(self.latent_hw, num_tokens)
+        return self._grids[num_tokens]
+
+    def global_weights(self, grid: tuple[int, int], rows: int, dtype: torch.dtype) -> Tensor:
+        """The stored mask resized to a layer's grid (nearest neighbour), as row weights [R, J, h*w, 1].
+
+        Built once per grid until the concept layer stores the next mask.
+        """
+        key = (grid, rows, dtype)
+        if key not in self._resized:
+            self._resized[key] = row_weights(resize_mask(self.global_mask, grid), rows, dtype)
+        return self._resized[key]
 
 
 class ConceptrolState:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from torch import Tensor, nn
 
 from ..errors import ConceptrolError
-from ..masking import concept_mask, layer_grid, text_attention_probs
+from ..masking import concept_mask, row_weights, text_attention_probs
 from ..state import CallState, ConceptrolState
 
 
@@ -59,27 +60,28 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         x, spatial_shape = _tokens_in(attn, hidden_states, temb)
         attention_mask = _attention_bias(attn, attention_mask, text_states)
         query, key, out = _text_attention(attn, x, text_states, attention_mask)
-        masks = self._concept_masks(call, query, key, attention_mask)
-        if self.state.adapter_active():
-            out = self._add_adapter_branch(attn, out, query, ip_states, masks, ip_adapter_masks)
+        active = self.state.adapter_active()
+        weights = self._concept_weights(call, query, key, attention_mask, active)
+        if active:
+            out = self._add_adapter_branch(attn, out, query, ip_states, weights, ip_adapter_masks)
         return _tokens_out(attn, out, residual, spatial_shape)
 
-    def _concept_masks(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor | None:
-        """The mask of each row and concept at this layer, [R, J, N], or None when masking is off."""
+    def _concept_weights(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None,
+                         active: bool) -> Tensor | None:
+        """The mask of each row and concept at this layer, [R, J, N, 1], or None when masking is off."""
         mode = self.state.config.masking
-        if mode == "none" or not (self.is_concept_layer or self.state.adapter_active()):
+        if mode == "none" or not (self.is_concept_layer or active):
             return None
         rows, num_samples = query.shape[0], call.num_samples
         if rows not in (num_samples, 2 * num_samples):
             raise ConceptrolError(f"the U-Net got {rows} rows for {num_samples} samples; this pipeline is not supported")
-        grid = layer_grid(call.latent_hw, query.shape[2])
+        grid = call.grid(query.shape[2])
         if self.is_concept_layer or mode == "local" or call.global_mask is None:
             mask = self._local_mask(call, query, key, attention_mask)  # [S, J, N]
             if self.is_concept_layer:
                 self._store(call, mask.unflatten(-1, grid))
-        else:
-            mask = call.global_on(grid)
-        return mask.repeat(rows // num_samples, 1, 1)  # both CFG halves use the sample's conditional mask
+            return row_weights(mask, rows, query.dtype)
+        return call.global_weights(grid, rows, query.dtype)
 
     def _local_mask(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor:
         cond = slice(query.shape[0] - call.num_samples, query.shape[0])  # [uncond | cond]: the last S rows
@@ -93,14 +95,14 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
             call.records.append(mask.detach())
 
     def _add_adapter_branch(self, attn: Attention, out: Tensor, query: Tensor, ip_states: list[Tensor],
-                            masks: Tensor | None, user_masks: Tensor | list | None) -> Tensor:
+                            weights: Tensor | None, user_masks: Tensor | list | None) -> Tensor:
         """out + Σ_i scale_i · M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i, each reference image its own softmax."""
         user_masks = _user_masks(user_masks, len(ip_states))
         concept = 0
         for adapter, states in enumerate(ip_states):
             states = states if states.ndim == 4 else states.unsqueeze(1)  # [R, images, tokens, C]
             scales = self._scales(adapter, states.shape[1])
-            if masks is None and user_masks[adapter] is None:  # diffusers' own path: one softmax over all images
+            if weights is None and user_masks[adapter] is None:  # diffusers' own path: one softmax over all images
                 if scales[0] != 0:
                     out = out + scales[0] * self._attend(attn, query, adapter, states.flatten(1, 2))
                 concept += states.shape[1]
@@ -108,11 +110,12 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
             for image in range(states.shape[1]):
                 if scales[image] != 0:
                     branch = self._attend(attn, query, adapter, states[:, image])
-                    weight = self._branch_mask(masks, concept, user_masks[adapter], image, branch)
-                    out = out + scales[image] * (branch * weight)
+                    user = user_masks[adapter][:, image] if user_masks[adapter] is not None else None
+                    concept_weight = weights[:, concept] if weights is not None else None  # [R, N, 1]
+                    out = _add_masked(out, branch, scales[image], concept_weight, user)
                 concept += 1
-        if masks is not None and concept != masks.shape[1]:
-            raise ConceptrolError(f"got {masks.shape[1]} concepts for {concept} reference images; pass one concept per image")
+        if weights is not None and concept != weights.shape[1]:
+            raise ConceptrolError(f"got {weights.shape[1]} concepts for {concept} reference images; pass one concept per image")
         return out
 
     def _attend(self, attn: Attention, query: Tensor, adapter: int, tokens: Tensor) -> Tensor:
@@ -122,21 +125,22 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
         return hidden.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)  # [R, N, C]
 
-    @staticmethod
-    def _branch_mask(masks: Tensor | None, concept: int, user_mask: Tensor | None, image: int, branch: Tensor) -> Tensor | float:
-        weight = 1.0
-        if masks is not None:
-            weight = masks[:, concept, :, None].to(branch.dtype)  # [R, N, 1]
-        if user_mask is not None:
-            down = IPAdapterMaskProcessor.downsample(user_mask[:, image], branch.shape[0], branch.shape[1], 1)
-            weight = weight * down.to(dtype=branch.dtype, device=branch.device)
-        return weight
-
     def _scales(self, adapter: int, num_images: int) -> list[float]:
         """Scale of each image of one adapter: the config's if set, else diffusers'."""
         override = self.state.config.scale
         scale = self.wrapped.scale[adapter] if override is None else override
         return list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_images
+
+
+def _add_masked(out: Tensor, branch: Tensor, scale: float, concept: Tensor | None, user: Tensor | None) -> Tensor:
+    """out + scale · branch ⊙ mask, the mask being the concept mask [R, N, 1], the user's own, or both."""
+    if user is not None:  # a user's ip_adapter_mask [1, H, W], downsampled as diffusers does
+        user = IPAdapterMaskProcessor.downsample(user, branch.shape[0], branch.shape[1], 1)
+        user = user.to(dtype=branch.dtype, device=branch.device)  # [R, N, 1]
+        if concept is None:
+            return out + scale * (branch * user)  # diffusers' own expression
+        concept = concept * user
+    return torch.addcmul(out, branch, concept, value=scale)  # one fused kernel
 
 
 def _user_masks(masks: Tensor | list | None, num_adapters: int) -> list[Tensor | None]:
