@@ -58,10 +58,3 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
         mask = F.interpolate(mask, size=grid, mode="nearest")
     return mask.flatten(2)
 
-
-def row_weights(mask: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
-    """Per-sample masks [S, J, N] as weights for a batch of `rows` = S or 2S ([uncond | cond]): [R, J, N, 1].
-
-    Both CFG halves of a sample use the mask read from its conditional half.
-    """
-    return mask.repeat(rows // mask.shape[0], 1, 1).unsqueeze(-1).to(dtype)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .config import ConceptrolConfig, adapter_active
 from .images import mask_overlay
-from .masking import layer_grid, resize_mask, row_weights, span_weights
+from .masking import layer_grid, resize_mask, span_weights
 
 
 @dataclass
@@ -82,14 +82,14 @@ class CallState:
             self._grids[num_tokens] = layer_grid(self.latent_hw, num_tokens)
         return self._grids[num_tokens]
 
-    def global_weights(self, grid: tuple[int, int], rows: int, dtype: torch.dtype) -> Tensor:
-        """The stored mask resized to a layer's grid (nearest neighbour), as row weights [R, J, h*w, 1].
+    def global_weights(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """The stored mask resized to a layer's grid (nearest neighbour), as weights [S, J, h*w, 1].
 
-        Built once per grid until the concept layer stores the next mask.
+        Built once per grid and dtype until the concept layer stores the next mask.
         """
-        key = (grid, rows, dtype)
+        key = (grid, dtype)
         if key not in self._resized:
-            self._resized[key] = row_weights(resize_mask(self.global_mask, grid), rows, dtype)
+            self._resized[key] = resize_mask(self.global_mask.to(dtype), grid).unsqueeze(-1)
         return self._resized[key]
 
 

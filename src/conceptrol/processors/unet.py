@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import Attention, IPAdapterAttnProcess
 from torch import Tensor, nn
 
 from ..errors import ConceptrolError
-from ..masking import concept_mask, row_weights, text_attention_probs
+from ..masking import concept_mask, text_attention_probs
 from ..state import CallState, ConceptrolState
 
 
@@ -68,7 +68,7 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
 
     def _concept_weights(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                          active: bool) -> Tensor | None:
-        """The mask of each row and concept at this layer, [R, J, N, 1], or None when masking is off."""
+        """The mask of each sample and concept at this layer, [S, J, N, 1], or None when masking is off."""
         mode = self.state.config.masking
         if mode == "none" or not (self.is_concept_layer or active):
             return None
@@ -80,8 +80,8 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
             mask = self._local_mask(call, query, key, attention_mask)  # [S, J, N]
             if self.is_concept_layer:
                 self._store(call, mask.unflatten(-1, grid))
-            return row_weights(mask, rows, query.dtype)
-        return call.global_weights(grid, rows, query.dtype)
+            return mask.unsqueeze(-1).to(query.dtype)
+        return call.global_weights(grid, query.dtype)
 
     def _local_mask(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor:
         cond = slice(query.shape[0] - call.num_samples, query.shape[0])  # [uncond | cond]: the last S rows
@@ -98,49 +98,56 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
                             weights: Tensor | None, user_masks: Tensor | list | None) -> Tensor:
         """out + Σ_i scale_i · M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i, each reference image its own softmax."""
         user_masks = _user_masks(user_masks, len(ip_states))
+        override = self.state.config.scale
         concept = 0
-        for adapter, states in enumerate(ip_states):
+        for states, to_k, to_v, scale, user in zip(ip_states, self.to_k_ip, self.to_v_ip, self.wrapped.scale, user_masks):
             states = states if states.ndim == 4 else states.unsqueeze(1)  # [R, images, tokens, C]
-            scales = self._scales(adapter, states.shape[1])
-            if weights is None and user_masks[adapter] is None:  # diffusers' own path: one softmax over all images
+            scales = _per_image(scale if override is None else override, states.shape[1])
+            if weights is None and user is None:  # diffusers' own path: one softmax over all images
                 if scales[0] != 0:
-                    out = out + scales[0] * self._attend(attn, query, adapter, states.flatten(1, 2))
+                    out = out + scales[0] * _attend(query, to_k, to_v, states.flatten(1, 2))
                 concept += states.shape[1]
                 continue
-            for image in range(states.shape[1]):
-                if scales[image] != 0:
-                    branch = self._attend(attn, query, adapter, states[:, image])
-                    user = user_masks[adapter][:, image] if user_masks[adapter] is not None else None
-                    concept_weight = weights[:, concept] if weights is not None else None  # [R, N, 1]
-                    out = _add_masked(out, branch, scales[image], concept_weight, user)
+            for image, image_scale in enumerate(scales):
+                if image_scale != 0:
+                    branch = _attend(query, to_k, to_v, states[:, image])
+                    concept_weight = weights[:, concept] if weights is not None else None  # [S, N, 1]
+                    out = _add_masked(out, branch, image_scale, concept_weight, user[:, image] if user is not None else None)
                 concept += 1
         if weights is not None and concept != weights.shape[1]:
             raise ConceptrolError(f"got {weights.shape[1]} concepts for {concept} reference images; pass one concept per image")
         return out
 
-    def _attend(self, attn: Attention, query: Tensor, adapter: int, tokens: Tensor) -> Tensor:
-        rows, heads, _, head_dim = query.shape
-        key = self.to_k_ip[adapter](tokens).view(rows, -1, heads, head_dim).transpose(1, 2)
-        value = self.to_v_ip[adapter](tokens).view(rows, -1, heads, head_dim).transpose(1, 2)
-        hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
-        return hidden.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)  # [R, N, C]
 
-    def _scales(self, adapter: int, num_images: int) -> list[float]:
-        """Scale of each image of one adapter: the config's if set, else diffusers'."""
-        override = self.state.config.scale
-        scale = self.wrapped.scale[adapter] if override is None else override
-        return list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_images
+def _per_image(scale: float | list, num_images: int) -> list[float]:
+    """An adapter's scale for each of its images (diffusers allows one per image)."""
+    return list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_images
+
+
+def _attend(query: Tensor, to_k: nn.Module, to_v: nn.Module, tokens: Tensor) -> Tensor:
+    """softmax(Q K_ipᵀ/√d) V_ip for one set of image tokens: [R, N, C]."""
+    rows, heads, _, head_dim = query.shape
+    key = to_k(tokens).view(rows, -1, heads, head_dim).transpose(1, 2)
+    value = to_v(tokens).view(rows, -1, heads, head_dim).transpose(1, 2)
+    hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+    return hidden.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(query.dtype)
 
 
 def _add_masked(out: Tensor, branch: Tensor, scale: float, concept: Tensor | None, user: Tensor | None) -> Tensor:
-    """out + scale · branch ⊙ mask, the mask being the concept mask [R, N, 1], the user's own, or both."""
+    """out + scale · branch ⊙ mask, the mask being the concept mask [S, N, 1], the user's own, or both."""
+    rows, tokens, channels = out.shape
     if user is not None:  # a user's ip_adapter_mask [1, H, W], downsampled as diffusers does
-        user = IPAdapterMaskProcessor.downsample(user, branch.shape[0], branch.shape[1], 1)
+        user = IPAdapterMaskProcessor.downsample(user, rows, tokens, 1)
         user = user.to(dtype=branch.dtype, device=branch.device)  # [R, N, 1]
         if concept is None:
             return out + scale * (branch * user)  # diffusers' own expression
-        concept = concept * user
-    return torch.addcmul(out, branch, concept, value=scale)  # one fused kernel
+    if concept is None:
+        return out + scale * branch
+    halves = rows // concept.shape[0]  # 2 with CFG: both halves of a sample share its mask
+    weight = concept if user is None else concept * user.view(halves, -1, tokens, 1)
+    out = torch.addcmul(out.view(halves, -1, tokens, channels), branch.view(halves, -1, tokens, channels),
+                        weight, value=scale)  # one fused kernel, the mask broadcast over the halves
+    return out.view(rows, tokens, channels)
 
 
 def _user_masks(masks: Tensor | list | None, num_adapters: int) -> list[Tensor | None]:
