@@ -122,4 +122,5 @@ def test_half_precision_reads_the_fp32_masks_and_is_vanilla_with_masking_off(dty
     assert half.dtype == dtype and torch.isfinite(half).all()
     assert handle.masks.masks.dtype == torch.float32
     # the first step sees the same input: its masks agree with fp32 up to half-precision rounding
-    assert (handle.masks.masks[0] - full_masks[0]).abs().mean() < 0.03
+    # (bf16 keeps 8 bits of mantissa; unrelated masks differ by about 0.3 on average)
+    assert (handle.masks.masks[0] - full_masks[0]).abs().mean() < 0.08
