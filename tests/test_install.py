@@ -5,7 +5,7 @@ import torch
 from helpers import SD15_LAYER, reference_image
 from test_numerics import PROMPT, kwargs, make_pipe
 
-from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
+from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol, find_concept_span
 from conceptrol.processors.unet import ConceptrolIPAdapterProcessor
 from conceptrol.tiny import tiny_sd15_pipeline
 
@@ -182,3 +182,23 @@ def test_recorded_masks_have_one_entry_per_step_in_unit_range():
     masks = handle.masks.masks
     assert masks.shape == (4, 1, 1, 4, 6) and masks.device.type == "cpu"
     assert masks.min() >= 0 and masks.amax(dim=(-1, -2)).sub(1).abs().max() < 1e-4
+
+
+def test_explicit_spans_with_prompt_embeds_equal_the_word_with_the_prompt():
+    pipe = make_pipe("sd15")
+    handle = apply_conceptrol(pipe)
+    by_word = handle(PROMPT, concepts=["dog"], **kwargs()).images
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    span = find_concept_span(pipe.tokenizer, PROMPT, "dog")
+    by_span = handle(prompt_embeds=embeds, negative_prompt_embeds=negative, concepts=[(span.start, span.stop)],
+                     **kwargs()).images
+    torch.testing.assert_close(by_span, by_word, atol=0, rtol=0)
+    with pytest.raises(ConceptrolError, match="explicit"):
+        handle(prompt_embeds=embeds, negative_prompt_embeds=negative, concepts=["dog"], **kwargs())
+
+
+def test_a_different_prompt_2_is_flagged():
+    pipe = make_pipe("sdxl")
+    handle = apply_conceptrol(pipe)
+    with pytest.warns(UserWarning, match="prompt_2"):
+        handle(PROMPT, prompt_2="a cat", concepts=["dog"], **kwargs(num_inference_steps=1))

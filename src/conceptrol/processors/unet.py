@@ -63,7 +63,7 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         active = self.state.adapter_active()
         weights = self._concept_weights(call, query, key, attention_mask, active)
         if active:
-            out = self._add_adapter_branch(attn, out, query, ip_states, weights, ip_adapter_masks)
+            out = self._add_adapter_branch(out, query, ip_states, weights, ip_adapter_masks)
         return _tokens_out(attn, out, residual, spatial_shape)
 
     def _concept_weights(self, call: CallState, query: Tensor, key: Tensor, attention_mask: Tensor | None,
@@ -94,7 +94,7 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         if self.state.config.record_masks:
             call.records.append(mask.detach())
 
-    def _add_adapter_branch(self, attn: Attention, out: Tensor, query: Tensor, ip_states: list[Tensor],
+    def _add_adapter_branch(self, out: Tensor, query: Tensor, ip_states: list[Tensor],
                             weights: Tensor | None, user_masks: Tensor | list | None) -> Tensor:
         """out + Σ_i scale_i · M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i, each reference image its own softmax."""
         user_masks = _user_masks(user_masks, len(ip_states))
