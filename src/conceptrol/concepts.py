@@ -126,6 +126,13 @@ def _is_pair(value: Any) -> bool:
 def _resolve_one(tokenizer: Any, prompt: str | None, concept: Any, max_length: int | None) -> tuple[slice, str]:
     if isinstance(concept, slice) or _is_pair(concept):
         span = as_span(concept)
+        if prompt is not None:
+            num_tokens = len(tokenizer(prompt, truncation=False).input_ids)
+            if span.stop > num_tokens:
+                raise ConceptrolError(
+                    f"token span {span.start}..{span.stop - 1} falls in the padding after the {num_tokens} tokens "
+                    f"of prompt {prompt!r}; pick positions inside the prompt"
+                )
         return span, f"tokens {span.start}..{span.stop - 1}"
     if not isinstance(concept, (str, Concept)):
         raise ConceptrolError(f"a concept must be a word, a Concept or a (start, end) token span, got {concept!r}")

@@ -58,3 +58,51 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
         mask = F.interpolate(mask, size=grid, mode="nearest")
     return mask.flatten(2)
 
+
+
+# FLUX with OminiControl (ALGORITHM.md section 2). The joint sequence is [text T | latent N | condition N_c].
+
+
+def flux_concept_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
+    """Textual concept mask Â of FLUX: each latent token's share of its text attention on the concept, mean 1.
+
+    Dividing P[h, n, t] by its sum over the T text columns cancels the softmax's normaliser, so only
+    the latent-to-text logits are needed (the latent-to-text bias is 0).
+    """
+    # latent_query [B, H, N, d], text_key [B, H, T, d] (after RoPE), weights [B, T] -> [B, N]
+    text_probs = text_attention_probs(latent_query, text_key)  # [B, H, N, T], rows sum to 1 over text
+    r = torch.einsum("bhnt,bt->bn", text_probs, weights) / text_probs.shape[1]
+    return r / r.mean(dim=-1, keepdim=True)
+
+
+def flux_condition_bias(
+    num_text: int,
+    num_latent: int,
+    num_condition: int,
+    spans: list[slice] | None,
+    condition_scale: float,
+    concept_mask: Tensor | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Additive attention bias [B, 1, L, L] for OminiControl (spans None) or Conceptrol (one span per sample).
+
+    Plain OminiControl: log c on text/latent -> condition and condition -> text/latent, 0 elsewhere.
+    Conceptrol: latent -> condition log c + log Â[row]; condition -> latent log c; concept text ->
+    condition log c; other text -> condition blocked; everything else 0.
+    """
+    length, text_end, latent_end = num_text + num_latent + num_condition, num_text, num_text + num_latent
+    log_c = math.log(condition_scale) if condition_scale > 0 else -math.inf
+    batch = 1 if spans is None else len(spans)
+    bias = torch.zeros(batch, 1, length, length, device=device)
+    if spans is None:
+        bias[:, :, :latent_end, latent_end:] = log_c
+        bias[:, :, latent_end:, :latent_end] = log_c
+        return bias
+    bias[:, :, text_end:latent_end, latent_end:] = log_c
+    bias[:, :, latent_end:, text_end:latent_end] = log_c
+    for b, span in enumerate(spans):
+        bias[b, :, :text_end, latent_end:] = -math.inf
+        bias[b, :, span, latent_end:] = log_c
+    if concept_mask is not None:  # [B, N]: log Â of each latent row on its condition columns
+        bias[:, 0, text_end:latent_end, latent_end:] += concept_mask.log().to(bias.device)[:, :, None]
+    return bias
