@@ -202,3 +202,13 @@ def test_a_different_prompt_2_is_flagged():
     handle = apply_conceptrol(pipe)
     with pytest.warns(UserWarning, match="prompt_2"):
         handle(PROMPT, prompt_2="a cat", concepts=["dog"], **kwargs(num_inference_steps=1))
+
+
+def test_remove_after_unload_ip_adapter_warns_and_leaves_the_new_processors():
+    pipe = make_pipe("sd15")
+    handle = apply_conceptrol(pipe)
+    pipe.unload_ip_adapter()
+    after_unload = dict(pipe.unet.attn_processors)
+    with pytest.warns(UserWarning, match="replaced after apply_conceptrol"):
+        handle.remove()
+    assert all(pipe.unet.attn_processors[k] is v for k, v in after_unload.items())

@@ -9,7 +9,7 @@ from typing import Any
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from .concepts import resolve_concepts
+from .concepts import ResolvedConcepts, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig, normalize_layer_name
 from .errors import ConceptrolError
 from .processors.unet import ConceptrolIPAdapterProcessor
@@ -104,10 +104,15 @@ class ConceptrolHandle:
         current = self.pipe.unet.attn_processors
         if all(current.get(k) is p for k, p in self._installed.items()):
             self.pipe.unet.set_attn_processor(dict(self._saved))
+        else:
+            warnings.warn(
+                "the U-Net's attention processors were replaced after apply_conceptrol (e.g. by unload_ip_adapter "
+                "or set_attn_processor); they are left as they are now", stacklevel=2,
+            )
         self._hook.remove()
         self._hook = None
 
-    def _resolve(self, prompt: Any, concepts: list, kwargs: dict) -> Any:
+    def _resolve(self, prompt: Any, concepts: list, kwargs: dict) -> ResolvedConcepts:
         num_images = count_reference_images(kwargs, self._num_adapters())
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         num_prompts = len(prompts) if prompts is not None else _embeds_batch(kwargs)
