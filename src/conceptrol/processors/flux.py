@@ -1,0 +1,91 @@
+"""Conceptrol's joint attention for FLUX with OminiControl (ALGORITHM.md section 2).
+
+One object per generation call holds the textual concept mask; the attention of every block that
+sees the condition tokens goes through `FluxConceptrolAttention.attend` with its role (reads the
+mask or not) fixed by block name at install time. Outputs use `scaled_dot_product_attention` with an
+additive bias; explicit probabilities are computed only at mask-reading blocks, and only for the
+latent-to-text logits the mask needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import adapter_active
+from ..masking import flux_concept_mask, flux_condition_bias
+
+# Blocks whose attention re-reads the mask, as in the reference (double block 18; single blocks 18 and 37).
+DEFAULT_MASK_BLOCKS = ("transformer_blocks.18", "single_transformer_blocks.18", "single_transformer_blocks.37")
+OUTSIDE_WINDOW_SCALE = 0.5  # the reference's condition scale outside the [start, end] window
+
+
+def condition_scale_at(step: int, total_steps: int, start: float, end: float, scale: float) -> float:
+    """Condition scale c at step k: the requested one inside the window, 0.5 outside (as the reference)."""
+    return scale if adapter_active(step, total_steps, start, end) else OUTSIDE_WINDOW_SCALE
+
+
+@dataclass(frozen=True)
+class JointLayout:
+    """Token counts of the joint sequence [text | latent | condition]; all derived from tensor shapes."""
+
+    num_text: int
+    num_latent: int
+    num_condition: int
+
+    @property
+    def latent(self) -> slice:
+        return slice(self.num_text, self.num_text + self.num_latent)
+
+
+@dataclass
+class FluxCall:
+    """Per-call state: spans (None = plain OminiControl), the current mask, and cached biases."""
+
+    spans: list[slice] | None  # one concept span per sample in the T5 tokens, 0-based
+    concept_mask: Tensor | None = None  # Â [B, N], mean 1, from the last mask-reading block
+    records: list[Tensor] = field(default_factory=list)
+    _bias: dict[tuple, Tensor] = field(default_factory=dict)
+
+    def bias(self, layout: JointLayout, condition_scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The additive bias for the current mask and scale, built once until either changes."""
+        key = (layout, condition_scale, device, dtype)
+        if key not in self._bias:
+            bias = flux_condition_bias(layout.num_text, layout.num_latent, layout.num_condition, self.spans,
+                                       condition_scale, self.concept_mask, device)
+            self._bias[key] = bias.to(dtype)
+        return self._bias[key]
+
+    def update_mask(self, mask: Tensor) -> None:
+        self.concept_mask = mask
+        self._bias = {}
+        self.records.append(mask.detach())
+
+
+class FluxConceptrolAttention:
+    """Attention over [text | latent | condition] with OminiControl's or Conceptrol's bias."""
+
+    def __init__(self, reads_mask: bool) -> None:
+        self.reads_mask = reads_mask
+
+    def attend(self, call: FluxCall, query: Tensor, key: Tensor, value: Tensor, layout: JointLayout,
+               condition_scale: float) -> Tensor:
+        """softmax(QKᵀ/√d + bias) V for q, k, v of shape [B, H, L, d] (after RoPE); reads Â where assigned."""
+        bias = call.bias(layout, condition_scale, query.device, query.dtype)  # [B or 1, 1, L, L]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        if self.reads_mask and call.spans is not None:
+            text = slice(0, layout.num_text)
+            weights = _span_weights(call.spans, layout.num_text, query.device)
+            call.update_mask(flux_concept_mask(query[:, :, layout.latent], key[:, :, text], weights))
+        return out
+
+
+def _span_weights(spans: list[slice], num_text: int, device: torch.device) -> Tensor:
+    """[B, T] with 1/|S| on each sample's concept span."""
+    weights = torch.zeros(len(spans), num_text, device=device)
+    for b, span in enumerate(spans):
+        weights[b, span] = 1.0 / (span.stop - span.start)
+    return weights
