@@ -1,0 +1,1 @@
+"""What cannot be an attention processor, isolated (OminiControl's condition branch)."""
