@@ -20,3 +20,21 @@ torch.backends.cuda.matmul.allow_tf32 = False
 def clip_tok(tmp_path_factory):
     """CLIP's real tokenizer, built offline."""
     return real_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
+
+
+CORPUS = ["a photo of a dog surfing a wave", "a statue reading a book in a cafe", "a teddy bear on the moon",
+          "a red car under a tree", "a cat and a dog on a sofa", "the corgi wears a hat"]
+
+
+@pytest.fixture(scope="session")
+def t5_tok(tmp_path_factory):
+    """A tiny T5 tokenizer: a sentencepiece unigram model trained here, in T5's layout (pad 0, eos 1, no bos)."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    folder = tmp_path_factory.mktemp("t5")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20), model_prefix=str(folder / "spiece"), vocab_size=40, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+    )
+    return T5Tokenizer.from_pretrained(str(folder), extra_ids=0, legacy=False)

@@ -1,26 +1,8 @@
 """Concept spans in T5 tokenization (FLUX's text encoder): no start token, 0-based positions, long limit."""
 
 import pytest
-import sentencepiece as spm
-from transformers import T5Tokenizer
-
 from conceptrol import ConceptNotFoundError, ConceptrolError, find_concept_span
 from conceptrol.concepts import resolve_concepts
-
-CORPUS = ["a photo of a dog surfing a wave", "a statue reading a book in a cafe", "a teddy bear on the moon",
-          "a red car under a tree", "a cat and a dog on a sofa", "the corgi wears a hat"]
-
-
-@pytest.fixture(scope="module")
-def t5_tok(tmp_path_factory):
-    """A tiny T5 tokenizer: a sentencepiece unigram model trained here, in T5's layout (pad 0, eos 1, no bos)."""
-    folder = tmp_path_factory.mktemp("t5")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_prefix=str(folder / "spiece"), vocab_size=40, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
-    )
-    return T5Tokenizer.from_pretrained(str(folder), extra_ids=0, legacy=False)
-
 
 def test_t5_positions_are_zero_based(t5_tok):
     span = find_concept_span(t5_tok, "dog on a sofa", "dog", max_length=512)

@@ -14,6 +14,7 @@ MaskingMode = Literal["global", "local", "none"]
 CONCEPT_LAYERS: dict[str, str] = {
     "sd15": "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
     "sdxl": "up_blocks.0.attentions.1.transformer_blocks.3.attn2",
+    "flux": "transformer_blocks.18",  # the last double-stream block of FLUX (section 2)
 }
 
 

@@ -12,6 +12,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from .concepts import ResolvedConcepts, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig, normalize_layer_name
 from .errors import ConceptrolError
+from .flux_handle import FluxConceptrolHandle, is_flux_pipeline
 from .processors.unet import ConceptrolIPAdapterProcessor
 from .state import ConceptMasks, ConceptrolState
 
@@ -23,13 +24,15 @@ def detect_architecture(unet: Any) -> str:
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None) -> ConceptrolHandle:
-    """Install Conceptrol on a diffusers pipeline that has an IP-Adapter loaded; returns the handle."""
+def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None) -> ConceptrolHandle | FluxConceptrolHandle:
+    """Install Conceptrol on a diffusers pipeline that has an IP-Adapter (or, for FLUX, OminiControl) loaded."""
+    if is_flux_pipeline(pipe):
+        return FluxConceptrolHandle(pipe, (config or ConceptrolConfig()).with_architecture("flux"))
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise ConceptrolError(
-            f"{type(pipe).__name__} has no U-Net; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
-            "with an IP-Adapter"
+            f"{type(pipe).__name__} is not supported; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
+            "with an IP-Adapter, and FLUX pipelines with OminiControl"
         )
     if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
         raise ConceptrolError(f"{type(pipe).__name__} has no callback_on_step_end, which Conceptrol needs to follow the steps")
