@@ -88,3 +88,12 @@ def test_bad_flux_input_raises_clear_errors(t5_tok, config, over, message):
     with pytest.raises(ConceptrolError, match=message):
         handle = apply_conceptrol(pipe, ConceptrolConfig(**config))
         call(handle, **({"concepts": ["dog"]} | over))
+
+
+def test_bf16_runs_and_reads_masks_in_fp32(t5_tok):
+    pipe = tiny_flux(t5_tok).to(dtype=torch.bfloat16)
+    handle = apply_conceptrol(pipe, ConceptrolConfig(concept_layer="transformer_blocks.1"))
+    out = call(handle, concepts=["dog"])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert handle.masks.masks.dtype == torch.float32
+    torch.testing.assert_close(handle.masks.masks.mean(dim=(-1, -2)), torch.ones(3, 1, 1), atol=2e-2, rtol=0)

@@ -150,12 +150,12 @@ def _image_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention, lora: list[nn.Module]) -> None:
     """FluxTransformerBlock with a condition stream (diffusers' FluxTransformerBlock.forward, three streams)."""
     attn, text_len, latent_len = block.attn, s.text.shape[1], s.latent.shape[1]
-    with lora_off(lora):
+    with lora_off(lora):  # latent and text tokens: LoRA off (text modules may carry none at all)
         x, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(s.latent, emb=s.temb)
         q, k, v = _image_qkv(attn, x)
-    t, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(s.text, emb=s.temb)
-    tq, tk, tv = (_heads(proj(t), attn.head_dim) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
+        t, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(s.text, emb=s.temb)
+        tq, tk, tv = (_heads(proj(t), attn.head_dim) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
     cq = ck = cv = None
     if s.cond is not None:
         c, cond_gate, cond_shift_mlp, cond_scale_mlp, cond_gate_mlp = block.norm1(s.cond, emb=s.cond_temb)
@@ -167,10 +167,10 @@ def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention
         s.latent = s.latent + gate.unsqueeze(1) * latent_out
         normed = block.norm2(s.latent) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         s.latent = s.latent + gate_mlp.unsqueeze(1) * block.ff(normed)
-    text_out = attn.to_add_out(text_out.contiguous())
-    s.text = s.text + c_gate.unsqueeze(1) * text_out
-    normed = block.norm2_context(s.text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-    s.text = s.text + c_gate_mlp.unsqueeze(1) * block.ff_context(normed)
+        text_out = attn.to_add_out(text_out.contiguous())
+        s.text = s.text + c_gate.unsqueeze(1) * text_out
+        normed = block.norm2_context(s.text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        s.text = s.text + c_gate_mlp.unsqueeze(1) * block.ff_context(normed)
     if s.cond is not None:
         cond_out = attn.to_out[1](attn.to_out[0](out[:, text_len + latent_len :].contiguous()))
         s.cond = s.cond + cond_gate.unsqueeze(1) * cond_out
