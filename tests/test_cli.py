@@ -31,6 +31,15 @@ def test_demo_writes_images_masks_and_a_note(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(out / "global-seed0-0.png")), np.asarray(Image.open(out / "none-seed0-0.png")))
 
 
+def test_flux_demo_writes_conceptrol_and_plain_ominicontrol(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--model", "flux", "--out", str(out), "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert {"global-seed0-0.png", "global-seed0-0-mask0-dog.png", "none-seed0-0.png"} <= {p.name for p in out.iterdir()}
+    assert "--model flux" in (out / "NOTE.txt").read_text()
+    assert "torchvision" not in result.stderr
+
+
 def test_generate_with_unreachable_hub_says_how_to_use_a_local_folder(tmp_path):
     ref = tmp_path / "ref.png"
     Image.new("RGB", (32, 32), "red").save(ref)

@@ -2,27 +2,16 @@
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from helpers import reference_image
-from test_ominicontrol import tiny_transformer
-from transformers import T5Config, T5EncoderModel
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
-from conceptrol.tiny import _text_encoder, clip_tokenizer
+from conceptrol.tiny import tiny_flux_pipeline
 
 PROMPT = "a photo of a dog surfing a wave"
 
 
 def tiny_flux(t5_tok, with_lora=True):
-    clip = clip_tokenizer()
-    torch.manual_seed(3)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
-    torch.manual_seed(4)
-    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, scaling_factor=0.36,
-                        shift_factor=0.11, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_text_encoder(clip, 5),
-                        tokenizer=clip, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=tiny_transformer(with_lora))
+    pipe = tiny_flux_pipeline(t5_tok=t5_tok, with_lora=with_lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

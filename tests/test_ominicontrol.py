@@ -2,25 +2,15 @@
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
-from peft import LoraConfig
-
 from conceptrol.backends.ominicontrol import ConditionTokens, OminiControlTransformer, StepInputs, lora_layers
 from conceptrol.processors.flux import FluxCall
+from conceptrol.tiny import flux_transformer
 
 TEXT, SIDE = 5, 4  # text tokens; latent and condition grids are SIDE x SIDE
 
 
-def tiny_transformer(with_lora: bool) -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    ).eval()
-    if with_lora:
-        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=[
-            "x_embedder", "to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear", "norm.linear", "proj_mlp", "proj_out"]))
-    return model
+def tiny_transformer(with_lora: bool):
+    return flux_transformer(seed=0, with_lora=with_lora)
 
 
 def grid_ids(side: int, col_shift: int = 0) -> torch.Tensor:

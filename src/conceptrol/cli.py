@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before diffusers/transformers are imported below
 
 from .errors import ConceptrolError
 from .generate import NEGATIVE_PROMPT, GenerateSettings
@@ -26,19 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text prompt")
     gen.add_argument("--image", type=Path, action="append", required=True, help="reference image (repeat for several subjects)")
     gen.add_argument("--concept", action="append", required=True, help="the prompt's word for each --image, in order")
-    gen.add_argument("--model", default="sd15", help="sd15, sdxl, a hub id or a local folder (default: sd15)")
-    gen.add_argument("--adapter", default="plus", help="IP-Adapter variant: base, plus, plus-face, full-face (default: plus)")
-    gen.add_argument("--adapter-repo", default="h94/IP-Adapter", help="hub id or local copy of h94/IP-Adapter")
+    gen.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, a hub id or a local folder (default: sd15)")
+    gen.add_argument("--adapter", help="IP-Adapter: base, plus, plus-face, full-face (default plus); "
+                                       "FLUX: subject, subject-1024 (default subject)")
+    gen.add_argument("--adapter-repo", help="hub id or local copy of h94/IP-Adapter (SD) or Yuanshi/OminiControl (FLUX)")
     gen.add_argument("--masking", default="global", choices=["global", "local", "none"], help="none = vanilla IP-Adapter")
-    gen.add_argument("--scale", type=float, help="adapter scale (default: 1.5 for SD 1.5, 1.0 for SDXL)")
-    gen.add_argument("--start", type=float, help="fraction of steps before the adapter acts (default: 0.2)")
+    gen.add_argument("--concept-layer", help="layer (SD) or block (FLUX) that reads the mask (default: the preset)")
+    gen.add_argument("--scale", type=float, help="adapter scale (default: 1.5 for SD 1.5, 1.0 for SDXL and FLUX)")
+    gen.add_argument("--start", type=float, help="fraction of steps before the adapter acts (default: 0.2; FLUX 0)")
     gen.add_argument("--end", type=float, default=1.0, help="fraction of steps after which it stops (default: 1.0)")
-    gen.add_argument("--steps", type=int, help="denoising steps (default: 50)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: 50; FLUX 8)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance (default: 7.5 for SD 1.5, 6.0 for SDXL)")
     gen.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
     gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--condition-size", type=int, default=512, help="FLUX: the reference's square size (default: 512)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     gen.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
@@ -47,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"))
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default="sd15", choices=["sd15", "flux"], help="tiny SD 1.5 or tiny FLUX (default: sd15)")
     return parser
 
 
@@ -62,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .offline_demo import run_offline_demo
 
-    for path in run_offline_demo(args.out, steps=args.steps, seed=args.seed):
+    for path in run_offline_demo(args.out, steps=args.steps, seed=args.seed, model=args.model):
         print(path)
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from .config import ConceptrolConfig
 from .errors import ConceptrolError
 from .images import load_reference_image
+from .flux_handle import is_flux_pipeline
 from .install import apply_conceptrol, detect_architecture
 
 NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
@@ -21,6 +22,8 @@ NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst
 PAPER_DEMO = {
     "sd15": dict(scale=1.5, start=0.2, steps=50, guidance=7.5),
     "sdxl": dict(scale=1.0, start=0.2, steps=50, guidance=6.0),
+    # FLUX: the library's defaults (c = 1, window [0, 1]); 8 steps as OminiControl runs FLUX.1-schnell.
+    "flux": dict(scale=1.0, start=0.0, steps=8, guidance=3.5),
 }
 
 
@@ -31,10 +34,11 @@ class GenerateSettings:
     prompt: str
     concept: tuple[str, ...]  # one concept per reference image
     image: tuple[Path, ...]  # reference image files
-    model: str = "sd15"  # preset (sd15, sdxl), hub id or local folder
-    adapter: str = "plus"  # IP-Adapter variant (see loading.ADAPTERS)
-    adapter_repo: str = "h94/IP-Adapter"  # hub id or local copy of the IP-Adapter repository
-    masking: str = "global"  # global, local, or none (vanilla IP-Adapter)
+    model: str = "sd15"  # preset (sd15, sdxl, flux, flux-dev), hub id or local folder
+    adapter: str | None = None  # adapter variant (loading.ADAPTERS); None = plus (IP-Adapter) or subject (FLUX)
+    adapter_repo: str | None = None  # hub id or local copy of h94/IP-Adapter or Yuanshi/OminiControl
+    masking: str = "global"  # global, local, or none (vanilla IP-Adapter / plain OminiControl)
+    concept_layer: str | None = None  # None = the architecture's preset layer (block for FLUX)
     scale: float | None = None
     start: float | None = None
     end: float = 1.0
@@ -42,7 +46,8 @@ class GenerateSettings:
     guidance: float | None = None
     negative_prompt: str = NEGATIVE_PROMPT
     seed: int = 0
-    size: tuple[int, int] | None = None  # (width, height); None = the model's default
+    size: tuple[int, int] | None = None  # (width, height); None = the model's default (512x512 for FLUX)
+    condition_size: int = 512  # FLUX only: the reference's square size (the LoRA's resolution)
     num_images: int = 1
     device: str = "auto"
     dtype: str = "auto"
@@ -90,7 +95,8 @@ def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
         from .loading import load_pipeline, pick_device, pick_dtype
 
         device = pick_device(settings.device)
-        pipe = load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, pick_dtype(settings.dtype, device))
+        dtype = pick_dtype(settings.dtype, device, settings.model)
+        pipe = load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype)
     result = run_conceptrol(pipe, settings, references)
     result.files = save_result(result, settings, out)
     return result
@@ -98,20 +104,25 @@ def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
 
 def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image]) -> GenerateResult:
     """Call `pipe` under Conceptrol with the settings, paper defaults filled in; the pipeline is left as found."""
-    demo = PAPER_DEMO[detect_architecture(pipe.unet)]
+    flux = is_flux_pipeline(pipe)
+    demo = PAPER_DEMO["flux" if flux else detect_architecture(pipe.unet)]
     start = demo["start"] if settings.start is None else settings.start
     config = ConceptrolConfig(masking=settings.masking, start=start, end=settings.end,
+                              concept_layer=settings.concept_layer,
                               scale=demo["scale"] if settings.scale is None else settings.scale)
-    width, height = settings.size or (None, None)
+    common = dict(num_inference_steps=settings.steps or demo["steps"], num_images_per_prompt=settings.num_images,
+                  guidance_scale=demo["guidance"] if settings.guidance is None else settings.guidance,
+                  generator=torch.Generator("cpu").manual_seed(settings.seed))
     handle = apply_conceptrol(pipe, config)
     try:
-        output = handle(
-            prompt=settings.prompt, concepts=list(settings.concept), ip_adapter_image=[references],
-            negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps or demo["steps"],
-            guidance_scale=demo["guidance"] if settings.guidance is None else settings.guidance,
-            num_images_per_prompt=settings.num_images, width=width, height=height,
-            generator=torch.Generator("cpu").manual_seed(settings.seed),
-        )
+        if flux:
+            width, height = settings.size or (512, 512)
+            output = handle(settings.prompt, concepts=list(settings.concept), image=references[0], width=width,
+                            height=height, condition_size=settings.condition_size, **common)
+        else:
+            width, height = settings.size or (None, None)
+            output = handle(prompt=settings.prompt, concepts=list(settings.concept), ip_adapter_image=[references],
+                            negative_prompt=settings.negative_prompt, width=width, height=height, **common)
     finally:
         handle.remove()
     return GenerateResult(images=list(output.images), masks=handle.masks)

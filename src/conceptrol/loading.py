@@ -13,8 +13,12 @@ from .errors import ConceptrolError
 MODEL_PRESETS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "flux": "black-forest-labs/FLUX.1-schnell",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
 }
-ADAPTER_REPO = "h94/IP-Adapter"
+# Where each architecture's adapters live by default (a hub id, or pass a local copy).
+ADAPTER_REPOS = {"sd15": "h94/IP-Adapter", "sdxl": "h94/IP-Adapter", "flux": "Yuanshi/OminiControl"}
+DEFAULT_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
         "plus": AdapterWeights("sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder"),
         "plus-face": AdapterWeights("sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder"),
     },
+    "flux": {  # OminiControl subject LoRAs (no image encoder: the reference goes through FLUX's VAE)
+        "subject": AdapterWeights("", "omini/subject_512.safetensors", ""),
+        "subject-1024": AdapterWeights("", "omini/subject_1024_beta.safetensors", ""),
+    },
 }
 
 
@@ -51,28 +59,42 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device, model: str = "sd15") -> torch.dtype:
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if model.startswith("flux") else torch.float16  # FLUX is trained and run in bf16
     choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in choices:
         raise ConceptrolError(f"dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
     return choices[dtype]
 
 
-def load_pipeline(model: str, adapter: str, adapter_repo: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """A text-to-image pipeline (SD 1.5 or SDXL) with the chosen IP-Adapter loaded."""
+def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, device: torch.device,
+                  dtype: torch.dtype) -> Any:
+    """A text-to-image pipeline with its adapter: IP-Adapter for SD 1.5 / SDXL, the OminiControl LoRA for FLUX."""
     from diffusers import AutoPipelineForText2Image
 
     source = MODEL_PRESETS.get(model, model)
     pipe = _fetch("the model", source, "--model",
                   lambda: AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype))
-    architecture = "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
-    weights = adapter_weights(architecture, adapter)
-    _fetch(f"IP-Adapter {weights.weight_name}", adapter_repo, "--adapter-repo",
-           lambda: pipe.load_ip_adapter(adapter_repo, subfolder=weights.subfolder, weight_name=weights.weight_name,
-                                        image_encoder_folder=weights.image_encoder))
+    architecture = pipeline_architecture(pipe)
+    weights = adapter_weights(architecture, adapter or DEFAULT_ADAPTERS[architecture])
+    repo = adapter_repo or ADAPTER_REPOS[architecture]
+    if architecture == "flux":
+        load = lambda: pipe.load_lora_weights(repo, weight_name=weights.weight_name, adapter_name="subject")  # noqa: E731
+    else:
+        load = lambda: pipe.load_ip_adapter(repo, subfolder=weights.subfolder, weight_name=weights.weight_name,  # noqa: E731
+                                            image_encoder_folder=weights.image_encoder)
+    _fetch(f"adapter {weights.weight_name}", repo, "--adapter-repo", load)
     return pipe.to(device)
+
+
+def pipeline_architecture(pipe: Any) -> str:
+    """'flux', 'sdxl' or 'sd15'."""
+    if hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks"):
+        return "flux"
+    return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
 def adapter_weights(architecture: str, adapter: str) -> AdapterWeights:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MASK_EPS = 1e-6  # added to the max in the normalisation, as in the reference
+HEADS_PER_CHUNK = 4  # FLUX mask: attention heads whose text probabilities are held at once
 
 
 def text_attention_probs(query: Tensor, key: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -70,8 +71,13 @@ def flux_concept_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -
     the latent-to-text logits are needed (the latent-to-text bias is 0).
     """
     # latent_query [B, H, N, d], text_key [B, H, T, d] (after RoPE), weights [B, T] -> [B, N]
-    text_probs = text_attention_probs(latent_query, text_key)  # [B, H, N, T], rows sum to 1 over text
-    r = torch.einsum("bhnt,bt->bn", text_probs, weights) / text_probs.shape[1]
+    heads = latent_query.shape[1]
+    r = latent_query.new_zeros(latent_query.shape[0], latent_query.shape[2], dtype=torch.float32)
+    for first in range(0, heads, HEADS_PER_CHUNK):  # a few heads at a time: no [B, H, N, T] tensor at once
+        chunk = slice(first, first + HEADS_PER_CHUNK)
+        text_probs = text_attention_probs(latent_query[:, chunk], text_key[:, chunk])  # rows sum to 1 over text
+        r += torch.einsum("bhnt,bt->bn", text_probs, weights)
+    r = r / heads
     return r / r.mean(dim=-1, keepdim=True)
 
 

@@ -197,3 +197,58 @@ def load_tiny_ip_adapter(pipe, kinds: str | list[str] = "plus", seed: int = 0, f
         save_file(ip_adapter_state_dict(pipe.unet, kind, seed + i), str(folder / name))
         names.append(name)
     pipe.load_ip_adapter(str(folder), subfolder=[""] * len(names), weight_name=names, image_encoder_folder=None)
+
+
+def t5_tokenizer(max_length: int = 512):
+    """A T5-layout tokenizer (pad 0, eos 1, unk 2, no start token) that spells words letter by letter."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = list(string.ascii_lowercase + string.digits + ",.!?'-")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in alphabet] + [("▁" + c, -2.5) for c in alphabet]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   model_max_length=max_length)
+
+
+FLUX_LORA_TARGETS = ["x_embedder", "to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear", "norm.linear",
+                     "proj_mlp", "proj_out"]
+
+
+def flux_transformer(seed: int = 0, with_lora: bool = True, double: int = 2, single: int = 2):
+    """A tiny FLUX transformer (16 input channels = 4 latent channels packed 2x2), with a random subject LoRA."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    if with_lora:
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS),
+                          adapter_name="subject")
+    return model
+
+
+def tiny_flux_pipeline(seed: int = 0, t5_tok=None, with_lora: bool = True):
+    """A tiny FLUX pipeline (CLIP + T5 encoders, VAE, transformer) with an OminiControl-style random LoRA."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    clip, t5_tok = clip_tokenizer(), t5_tok or t5_tokenizer()
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, scaling_factor=0.36,
+                        shift_factor=0.11, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_text_encoder(clip, seed + 5),
+                        tokenizer=clip, text_encoder_2=t5, tokenizer_2=t5_tok,
+                        transformer=flux_transformer(seed, with_lora))

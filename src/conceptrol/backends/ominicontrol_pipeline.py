@@ -47,6 +47,7 @@ def encode_condition(pipe: Any, image: Image.Image, batch: int, settings: OminiC
     return ConditionTokens(tokens=tokens, ids=ids)
 
 
+@torch.no_grad()
 def run_ominicontrol(pipe: Any, runner: OminiControlTransformer, call: FluxCall, prompts: list[str],
                      image: Image.Image | None, settings: OminiControlSettings, generator: torch.Generator | None,
                      num_images_per_prompt: int = 1, output_type: str = "pil") -> Any:
