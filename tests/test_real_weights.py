@@ -34,3 +34,19 @@ def test_real_sd15_concept_mask_follows_the_subject_word(sd15):
     wave = handle.masks.final()[0, 0]
     handle.remove()
     assert (dog - wave).abs().mean() > 0.05
+
+
+def test_real_flux_ominicontrol_mask_has_mean_one_and_differs_from_plain():
+    from diffusers import FluxPipeline
+
+    if not torch.cuda.is_available():
+        pytest.skip("FLUX.1 needs a GPU")
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", torch_dtype=torch.bfloat16).to("cuda")
+    pipe.load_lora_weights("Yuanshi/OminiControl", weight_name="omini/subject_512.safetensors", adapter_name="subject")
+    common = dict(image=reference_image(size=(512, 512)), height=512, width=512, num_inference_steps=8,
+                  generator=torch.Generator().manual_seed(0), output_type="latent")
+    plain = apply_conceptrol(pipe, ConceptrolConfig(masking="none"))("a dog surfing a wave", concepts=["dog"], **common)
+    handle = apply_conceptrol(pipe)
+    ours = handle("a dog surfing a wave", concepts=["dog"], **common)
+    assert (ours.images.float() - plain.images.float()).abs().mean() > 1e-3
+    torch.testing.assert_close(handle.masks.masks.mean(dim=(-1, -2)), torch.ones(8, 1, 1), atol=1e-2, rtol=0)
