@@ -49,6 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     gen.add_argument("--save-masks", action="store_true", help="also save concept-mask overlays")
+    ev = commands.add_parser("evaluate", help="generate and score a benchmark (resumable; shard with accelerate launch)")
+    ev.add_argument("--benchmark", type=Path, required=True, help="DreamBench++ folder or .jsonl/.csv manifest")
+    ev.add_argument("--method", action="append", help="ip-adapter, ominicontrol, conceptrol (repeatable; default: ip-adapter and conceptrol)")
+    ev.add_argument("--scale", type=float, action="append", help="adapter scale (repeatable; default: 1.0)")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ev.add_argument("--model", default="sd15", help="as for generate, or 'tiny' for an offline random model")
+    ev.add_argument("--adapter")
+    ev.add_argument("--adapter-repo")
+    ev.add_argument("--start", type=float, help="Conceptrol warm-up start (default 0.2; baselines use 0)")
+    ev.add_argument("--steps", type=int)
+    ev.add_argument("--size", type=_size)
+    ev.add_argument("--limit", type=int, help="only the first N cases")
+    ev.add_argument("--no-score", action="store_true", help="generation pass only")
+    ev.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
+    ev.add_argument("--dino-model", default="facebook/dino-vits16")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--out", type=Path, required=True)
+    rep = commands.add_parser("report", help="print the table of a run and write report.html")
+    rep.add_argument("run", type=Path)
     demo = commands.add_parser("demo", help="run offline on a tiny random model and write images and masks")
     demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"))
     demo.add_argument("--steps", type=int, default=20)
@@ -64,6 +84,57 @@ def cmd_generate(args: argparse.Namespace) -> None:
     settings = GenerateSettings(**fields | {"image": tuple(args.image), "concept": tuple(args.concept)})
     for path in generate(settings).files:
         print(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .eval.benchmark import load_benchmark
+    from .eval.runner import generate_pass, jobs, process_rank, score_pass
+    from .generate import prepare_output_dir
+
+    cases = load_benchmark(args.benchmark)[: args.limit]
+    all_jobs = jobs(cases, args.method or ["ip-adapter", "conceptrol"], args.scale or [1.0], args.seeds)
+    out = prepare_output_dir(args.out)
+    rank, world = process_rank()
+    base = GenerateSettings(prompt="", concept=("",), image=(Path(),), model=args.model, adapter=args.adapter,
+                            adapter_repo=args.adapter_repo, start=args.start, steps=args.steps, size=args.size,
+                            device=args.device, dtype=args.dtype, out=out)
+    records = list(generate_pass(_evaluation_pipeline(base), all_jobs, out, base, rank, world))
+    failed = sum(r["status"] == "error" for r in records)
+    scored = 0
+    if not args.no_score:
+        from .eval.metrics import MetricModels
+
+        metrics = MetricModels.load(args.clip_model, args.dino_model, "cuda" if args.device == "auto" and _cuda() else "cpu")
+        scored = len(list(score_pass(metrics, out, rank, world)))
+    print(f"rank {rank}/{world}: {len(records)} generated ({failed} failed), {scored} scored; "
+          f"{len(all_jobs)} jobs in all; results in {out}")
+
+
+def _evaluation_pipeline(base: GenerateSettings):
+    if base.model == "tiny":
+        from .tiny import load_tiny_ip_adapter, tiny_sd15_pipeline
+
+        pipe = tiny_sd15_pipeline()
+        load_tiny_ip_adapter(pipe, "plus")
+        return pipe
+    from .loading import load_pipeline, pick_device, pick_dtype
+
+    device = pick_device(base.device)
+    return load_pipeline(base.model, base.adapter, base.adapter_repo, device, pick_dtype(base.dtype, device, base.model))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .eval.report import format_table, summarize, write_html
+
+    rows = summarize(args.run)
+    print(format_table(rows))
+    print(f"wrote {write_html(args.run, rows)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -90,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+        {"generate": cmd_generate, "demo": cmd_demo, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
     except ConceptrolError as error:
         print(f"conceptrol: error: {error}", file=sys.stderr)
         return 2
