@@ -22,6 +22,11 @@ from conceptrol.tiny import clip_tokenizer
 
 @pytest.fixture(scope="module")
 def models():
+    return tiny_metric_models()
+
+
+def tiny_metric_models() -> MetricModels:
+    """CLIP and DINO backbones of the real architectures, tiny and random."""
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(

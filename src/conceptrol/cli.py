@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--size", type=_size)
     ev.add_argument("--limit", type=int, help="only the first N cases")
     ev.add_argument("--no-score", action="store_true", help="generation pass only")
+    ev.add_argument("--judge-url", help="OpenAI-compatible endpoint for the CP/PF judge, e.g. https://api.openai.com/v1 "
+                                        "(key from CONCEPTROL_JUDGE_API_KEY or OPENAI_API_KEY); none = no judge columns")
+    ev.add_argument("--judge-model", default="gpt-4o")
+    ev.add_argument("--judge-runs", type=int, default=3, help="judgements averaged per image (default: 3)")
     ev.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
     ev.add_argument("--dino-model", default="facebook/dino-vits16")
     ev.add_argument("--device", default="auto")
@@ -106,7 +110,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         metrics = MetricModels.load(args.clip_model, args.dino_model, "cuda" if args.device == "auto" and _cuda() else "cpu")
         scored = len(list(score_pass(metrics, out, rank, world)))
-    print(f"rank {rank}/{world}: {len(records)} generated ({failed} failed), {scored} scored; "
+    judged = 0
+    if args.judge_url:
+        from .eval.judge import JudgeConfig
+        from .eval.runner import judge_pass
+
+        judged = len(list(judge_pass(JudgeConfig(args.judge_url, args.judge_model, args.judge_runs), out, rank, world)))
+    print(f"rank {rank}/{world}: {len(records)} generated ({failed} failed), {scored} scored, {judged} judged; "
           f"{len(all_jobs)} jobs in all; results in {out}")
 
 
@@ -130,11 +140,12 @@ def _cuda() -> bool:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .eval.report import format_table, summarize, write_html
+    from .eval.report import format_table, summarize, write_html, write_plots
 
     rows = summarize(args.run)
     print(format_table(rows))
-    print(f"wrote {write_html(args.run, rows)}")
+    plots = write_plots(args.run, rows)
+    print(f"wrote {write_html(args.run, rows, plots)} and {', '.join(str(p) for p in plots)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -112,3 +112,19 @@ def score_pass(metrics: Any, out: Path, rank: int = 0, world_size: int = 1) -> I
                  "clip_i": metrics.clip_i([image], [reference])[0], "dino": metrics.dino_score([image], [reference])[0]}
         mine.append(score)
         yield score
+
+
+def judge_pass(judge: Any, out: Path, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Ask the judge about this rank's generated-but-unjudged images; each answer is kept as it arrives."""
+    from .judge import judge_case
+
+    mine, _ = stores(out, "judgements", rank)
+    judged = {record["key"] for record in read_all(out, "judgements")}
+    generated = sorted((r for r in read_all(out, "generations") if r["status"] == "ok"), key=lambda r: r["key"])
+    todo = [r for r in shard(generated, rank, world_size) if r["key"] not in judged]
+    for record in tqdm(todo, desc=f"judge (rank {rank})", disable=None):
+        image = Image.open(out / record["image"]).convert("RGB")
+        verdict = judge_case(judge, load_reference_image(record["reference"]), image, record["prompt"], record["concept"])
+        result = {"key": record["key"]} | verdict
+        mine.append(result)
+        yield result

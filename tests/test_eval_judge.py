@@ -1,0 +1,79 @@
+"""The VLM judge against a fake OpenAI-compatible server on 127.0.0.1, and the report with judge columns."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+from test_eval_metrics import models  # noqa: F401  (fixture)
+from test_eval_runner import BASE, cases, pipe  # noqa: F401  (fixtures)
+
+from conceptrol import ConceptrolError
+from conceptrol.eval.judge import JudgeConfig, judge_case
+from conceptrol.eval.report import format_table, summarize, write_html, write_plots
+from conceptrol.eval.runner import generate_pass, jobs, judge_pass, read_all, score_pass
+
+
+@pytest.fixture
+def fake_judge():
+    """Answers CP questions with scores 3, 4, 3, ... and PF questions with 2; records what it was sent."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.headers.get("Authorization")))
+            text = body["messages"][0]["content"][0]["text"]
+            score = (3 if len(seen) % 2 else 4) if "reference photo" in text else 2
+            reply = json.dumps({"choices": [{"message": {"content": f"Reasoning...\nScore: {score}"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+
+
+def test_judge_scores_are_scaled_and_averaged_over_runs(fake_judge, monkeypatch):
+    url, seen = fake_judge
+    monkeypatch.setenv("CONCEPTROL_JUDGE_API_KEY", "secret")
+    image = Image.new("RGB", (16, 16), "blue")
+    verdict = judge_case(JudgeConfig(url, "judge-model", runs=2), image, image, "a dog on the moon", "dog")
+    assert verdict["cp_runs"] == [3, 4] and verdict["cp"] == pytest.approx(3.5 / 4)
+    assert verdict["pf_runs"] == [2, 2] and verdict["pf"] == pytest.approx(0.5)
+    path, body, auth = seen[0]
+    assert path == "/v1/chat/completions" and body["model"] == "judge-model" and auth == "Bearer secret"
+    assert len(body["messages"][0]["content"]) == 3  # the instructions, the reference, the generated image
+
+
+def test_unreachable_judge_is_a_clear_error_and_keeps_finished_cases(tmp_path, pipe):  # noqa: F811
+    list(generate_pass(pipe, jobs(cases(tmp_path, 2), ["conceptrol"], [1.0], [0]), tmp_path, BASE))
+    with pytest.raises(ConceptrolError, match="could not be used.*finished cases are kept"):
+        list(judge_pass(JudgeConfig("http://127.0.0.1:9/v1", runs=1, timeout=5), tmp_path))
+    assert len(read_all(tmp_path, "generations")) == 2
+
+
+def test_report_has_cp_pf_columns_and_plots_when_a_judge_ran(tmp_path, pipe, models, fake_judge):  # noqa: F811
+    url, _ = fake_judge
+    all_jobs = jobs(cases(tmp_path, 2), ["ip-adapter", "conceptrol"], [1.0], [0])
+    list(generate_pass(pipe, all_jobs, tmp_path, BASE))
+    list(score_pass(models, tmp_path))
+    assert len(list(judge_pass(JudgeConfig(url, runs=1), tmp_path))) == 4
+    rows = summarize(tmp_path)
+    assert [r["method"] for r in rows] == ["conceptrol", "ip-adapter"]
+    for row in rows:
+        assert row["cp_pf"] == pytest.approx(row["cp"] * row["pf"]) and row["pf"] == pytest.approx(0.5)
+    assert "cp_pf" in format_table(rows)
+    plots = write_plots(tmp_path, rows)
+    assert [p.name for p in plots] == ["metrics.png", "cp_pf.png", "grid.png"]
+    page = write_html(tmp_path, rows, plots).read_text()
+    assert "<th>cp_pf</th>" in page and page.count("<img") == 2 + 2 * 3
