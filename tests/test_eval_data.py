@@ -91,3 +91,38 @@ def test_shards_are_disjoint_and_cover_every_case():
     assert sorted(sum(parts, [])) == items and sum(len(p) for p in parts) == 11
     with pytest.raises(ValueError):
         shard(items, 3, 3)
+
+
+DREAMBENCH_PROMPTS = """Classes
+subject_name,class
+backpack,backpack
+dog2,dog
+
+Prompts
+Object Prompts
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} on the beach'.format(unique_token, class_token),
+]
+
+Live Subject Prompts
+prompt_list = [
+'a {0} {1} in a police outfit'.format(unique_token, class_token),
+]
+"""
+
+
+def test_original_dreambench_layout_uses_the_class_noun_as_concept(tmp_path):
+    (tmp_path / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
+    for subject in ("backpack", "dog2"):
+        (tmp_path / subject).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / subject / "00.jpg")
+    cases = load_benchmark(tmp_path)
+    assert [(c.case_id, c.prompt, c.concept) for c in cases] == [
+        ("backpack/0", "a backpack in the jungle", "backpack"),
+        ("backpack/1", "a backpack on the beach", "backpack"),
+        ("dog2/0", "a dog in a police outfit", "dog"),
+    ]
+    (tmp_path / "dog2" / "00.jpg").unlink()
+    with pytest.raises(ConceptrolError, match="no images in"):
+        load_benchmark(tmp_path)

@@ -99,16 +99,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     all_jobs = jobs(cases, args.method or ["ip-adapter", "conceptrol"], args.scale or [1.0], args.seeds)
     out = prepare_output_dir(args.out)
     rank, world = process_rank()
+    device = args.device
+    if world > 1 and device == "auto":  # under accelerate launch: each process on its own device
+        from accelerate import PartialState
+
+        device = str(PartialState().device)
     base = GenerateSettings(prompt="", concept=("",), image=(Path(),), model=args.model, adapter=args.adapter,
                             adapter_repo=args.adapter_repo, start=args.start, steps=args.steps, size=args.size,
-                            device=args.device, dtype=args.dtype, out=out)
+                            device=device, dtype=args.dtype, out=out)
     records = list(generate_pass(_evaluation_pipeline(base), all_jobs, out, base, rank, world))
     failed = sum(r["status"] == "error" for r in records)
     scored = 0
     if not args.no_score:
         from .eval.metrics import MetricModels
 
-        metrics = MetricModels.load(args.clip_model, args.dino_model, "cuda" if args.device == "auto" and _cuda() else "cpu")
+        from .loading import pick_device
+
+        metrics = MetricModels.load(args.clip_model, args.dino_model, str(pick_device(device)))
         scored = len(list(score_pass(metrics, out, rank, world)))
     judged = 0
     if args.judge_url:
@@ -131,12 +138,6 @@ def _evaluation_pipeline(base: GenerateSettings):
 
     device = pick_device(base.device)
     return load_pipeline(base.model, base.adapter, base.adapter_repo, device, pick_dtype(base.dtype, device, base.model))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,13 @@ def load_benchmark(path: str | Path) -> list[Case]:
     path = Path(path).expanduser()
     if path.is_dir() and (path / "captions").is_dir():
         return load_dreambench_plus(path)
+    if path.is_dir() and (path / "prompts_and_classes.txt").is_file():
+        return load_dreambench(path)
     if path.is_file() and path.suffix in (".jsonl", ".csv"):
         return load_manifest(path)
     raise ConceptrolError(
-        f"{path} is neither a DreamBench++ folder (with images/ and captions/) nor a .jsonl/.csv manifest"
+        f"{path} is neither a DreamBench++ folder (images/, captions/), a DreamBench folder "
+        "(prompts_and_classes.txt and one folder per subject) nor a .jsonl/.csv manifest"
     )
 
 
@@ -50,6 +54,34 @@ def load_dreambench_plus(root: Path) -> list[Case]:
             cases.append(Case(f"{category}/{index}/{number}", image, prompt, _concept_word(subject), category, subject))
     if not cases:
         raise ConceptrolError(f"no caption files found under {root / 'captions'}")
+    return cases
+
+
+LIVE_CLASSES = {"dog", "cat"}  # DreamBench's live subjects get the live-subject prompt list
+
+
+def load_dreambench(root: Path) -> list[Case]:
+    """The original DreamBench (DreamBooth dataset): <subject>/00.jpg ... and prompts_and_classes.txt.
+
+    The prompt templates' `{0} {1}` (unique token, class) become the class noun, which is also the concept.
+    """
+    text = (root / "prompts_and_classes.txt").read_text(encoding="utf-8")
+    classes = dict(re.findall(r"^([\w-]+),([\w ]+)$", text, flags=re.MULTILINE))
+    classes.pop("subject_name", None)
+    object_part, _, live_part = text.partition("Live Subject Prompts")
+    templates = {"object": re.findall(r"'([^']*\{0\}[^']*)'\.format", object_part),
+                 "live": re.findall(r"'([^']*\{0\}[^']*)'\.format", live_part)}
+    if not classes or not templates["object"] or not templates["live"]:
+        raise ConceptrolError(f"{root / 'prompts_and_classes.txt'} does not have DreamBench's classes and prompt lists")
+    cases = []
+    for subject, noun in sorted(classes.items()):
+        images = sorted(p for p in (root / subject).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise ConceptrolError(f"no images in {root / subject} for subject {subject!r}")
+        kind = "live" if noun in LIVE_CLASSES else "object"
+        for number, template in enumerate(templates[kind]):
+            prompt = re.sub(r"\s+", " ", template.replace("{0} {1}", noun).replace("{0}", "").replace("{1}", noun)).strip()
+            cases.append(Case(f"{subject}/{number}", images[0], prompt, noun, kind, subject))
     return cases
 
 
