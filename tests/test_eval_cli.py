@@ -30,3 +30,28 @@ def test_evaluate_with_an_unknown_method_is_one_line(tmp_path):
     result = run_cli("evaluate", "--benchmark", str(tmp_path / "set.jsonl"), "--method", "dreambooth",
                      "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "unknown method" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_processes_under_torchrun_give_the_same_records_as_one(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "dog.png")
+    rows = [{"id": f"d{i}", "image": "dog.png", "prompt": "a dog on the moon", "concept": "dog"} for i in range(3)]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = ["evaluate", "--benchmark", str(tmp_path / "set.jsonl"), "--model", "tiny", "--steps", "2",
+              "--size", "32x32", "--no-score"]
+    assert run_cli(*common, "--out", str(tmp_path / "one")).returncode == 0
+    torchrun = shutil.which("torchrun", path=str(__import__("pathlib").Path(sys.executable).parent))
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "conceptrol.cli", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "rank 0/2" in two.stdout and "rank 1/2" in two.stdout
+
+    def keys(run):
+        return sorted(json.loads(line)["key"] for f in (tmp_path / run).glob("generations.rank*.jsonl")
+                      for line in f.read_text().splitlines())
+
+    assert keys("two") == keys("one") and len(keys("two")) == 6 == len(set(keys("two")))
+    assert len(list((tmp_path / "two").glob("generations.rank*.jsonl"))) == 2

@@ -92,18 +92,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .eval.benchmark import load_benchmark
-    from .eval.runner import generate_pass, jobs, process_rank, score_pass
+    from .eval.runner import generate_pass, jobs, process_device, process_rank, score_pass
     from .generate import prepare_output_dir
 
     cases = load_benchmark(args.benchmark)[: args.limit]
     all_jobs = jobs(cases, args.method or ["ip-adapter", "conceptrol"], args.scale or [1.0], args.seeds)
     out = prepare_output_dir(args.out)
     rank, world = process_rank()
-    device = args.device
-    if world > 1 and device == "auto":  # under accelerate launch: each process on its own device
-        from accelerate import PartialState
-
-        device = str(PartialState().device)
+    device = process_device() if world > 1 and args.device == "auto" else args.device  # one GPU per process
     base = GenerateSettings(prompt="", concept=("",), image=(Path(),), model=args.model, adapter=args.adapter,
                             adapter_repo=args.adapter_repo, start=args.start, steps=args.steps, size=args.size,
                             device=device, dtype=args.dtype, out=out)

@@ -49,13 +49,20 @@ def jobs(cases: list[Case], methods: list[str], scales: list[float], seeds: list
 
 
 def process_rank() -> tuple[int, int]:
-    """(rank, world size) under accelerate/torchrun, else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """(rank, world size) from the variables `accelerate launch` and `torchrun` set, else (0, 1).
 
-        state = PartialState()
-        return state.process_index, state.num_processes
-    return 0, 1
+    Sharding needs no process group: each process takes every world_size-th job from its rank.
+    """
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_device() -> str:
+    """This process's device under a multi-process launch: its own GPU when there are GPUs, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
 
 
 def stores(out: Path, name: str, rank: int) -> tuple[RecordStore, list[RecordStore]]:
