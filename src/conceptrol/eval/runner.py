@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -108,30 +108,33 @@ def _generate_one(pipe: Any, job: Job, out: Path, base: GenerateSettings) -> dic
 
 def score_pass(metrics: Any, out: Path, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     """Score this rank's generated-but-unscored images (CLIP-T, CLIP-I, DINO)."""
-    mine, _ = stores(out, "scores", rank)
-    scored = {record["key"] for record in read_all(out, "scores")}
-    generated = sorted((r for r in read_all(out, "generations") if r["status"] == "ok"), key=lambda r: r["key"])
-    todo = [r for r in shard(generated, rank, world_size) if r["key"] not in scored]
-    for record in tqdm(todo, desc=f"score (rank {rank})", disable=None):
-        image = Image.open(out / record["image"]).convert("RGB")
-        reference = load_reference_image(record["reference"])
-        score = {"key": record["key"], "clip_t": metrics.clip_t([image], [record["prompt"]])[0],
-                 "clip_i": metrics.clip_i([image], [reference])[0], "dino": metrics.dino_score([image], [reference])[0]}
-        mine.append(score)
-        yield score
+
+    def score(record: dict, image: Image.Image, reference: Image.Image) -> dict:
+        return {"clip_t": metrics.clip_t([image], [record["prompt"]])[0],
+                "clip_i": metrics.clip_i([image], [reference])[0], "dino": metrics.dino_score([image], [reference])[0]}
+
+    return _image_pass(out, "scores", rank, world_size, score)
 
 
 def judge_pass(judge: Any, out: Path, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     """Ask the judge about this rank's generated-but-unjudged images; each answer is kept as it arrives."""
     from .judge import judge_case
 
-    mine, _ = stores(out, "judgements", rank)
-    judged = {record["key"] for record in read_all(out, "judgements")}
+    def verdict(record: dict, image: Image.Image, reference: Image.Image) -> dict:
+        return judge_case(judge, reference, image, record["prompt"], record["concept"])
+
+    return _image_pass(out, "judgements", rank, world_size, verdict)
+
+
+def _image_pass(out: Path, name: str, rank: int, world_size: int,
+                evaluate: Callable[[dict, Image.Image, Image.Image], dict]) -> Iterator[dict]:
+    """Run `evaluate` on this rank's generated images that `name` has no record of yet, appending each result."""
+    mine, _ = stores(out, name, rank)
+    finished = {record["key"] for record in read_all(out, name)}
     generated = sorted((r for r in read_all(out, "generations") if r["status"] == "ok"), key=lambda r: r["key"])
-    todo = [r for r in shard(generated, rank, world_size) if r["key"] not in judged]
-    for record in tqdm(todo, desc=f"judge (rank {rank})", disable=None):
+    todo = [r for r in shard(generated, rank, world_size) if r["key"] not in finished]
+    for record in tqdm(todo, desc=f"{name} (rank {rank})", disable=None):
         image = Image.open(out / record["image"]).convert("RGB")
-        verdict = judge_case(judge, load_reference_image(record["reference"]), image, record["prompt"], record["concept"])
-        result = {"key": record["key"]} | verdict
+        result = {"key": record["key"]} | evaluate(record, image, load_reference_image(record["reference"]))
         mine.append(result)
         yield result
