@@ -15,7 +15,6 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -23,6 +22,11 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
+
+try:  # transformers 5: the Pillow-based processor, which needs no torchvision
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
 
 IMAGE_ENCODER_SIZE = 32
 ADAPTER_KINDS = ("base", "plus", "full-face")
