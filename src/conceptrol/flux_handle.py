@@ -9,7 +9,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from PIL import Image
 
-from .backends.ominicontrol import OminiControlTransformer, lora_layers
+from .backends.ominicontrol import OminiControlTransformer, block_names, lora_layers
 from .backends.ominicontrol_pipeline import OminiControlSettings, run_ominicontrol
 from .concepts import resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig
@@ -34,8 +34,7 @@ class FluxConceptrolHandle:
             raise ConceptrolError("FLUX has no local masking; use masking='global' (Conceptrol) or 'none' (OminiControl)")
         if not lora_layers(pipe.transformer):
             raise ConceptrolError(f"this FLUX pipeline has no OminiControl LoRA; {LORA_HINT}")
-        blocks = [f"transformer_blocks.{i}" for i in range(len(pipe.transformer.transformer_blocks))]
-        blocks += [f"single_transformer_blocks.{i}" for i in range(len(pipe.transformer.single_transformer_blocks))]
+        blocks = block_names(pipe.transformer)
         if config.concept_layer not in blocks:
             close = difflib.get_close_matches(config.concept_layer, blocks, n=3)
             raise ConceptrolError(f"concept block {config.concept_layer!r} is not a block of this transformer"

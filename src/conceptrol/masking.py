@@ -60,7 +60,6 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     return mask.flatten(2)
 
 
-
 # FLUX with OminiControl (ALGORITHM.md section 2). The joint sequence is [text T | latent N | condition N_c].
 
 

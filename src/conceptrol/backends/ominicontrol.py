@@ -60,22 +60,23 @@ def lora_off(layers: list[nn.Module]) -> Iterator[None]:
             layer.enable_adapters(not was_disabled)
 
 
+def block_names(transformer: nn.Module) -> list[str]:
+    """The names of a FLUX transformer's blocks in running order (double-stream, then single-stream)."""
+    return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
+        f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
+
+
 class OminiControlTransformer:
     """Runs a diffusers FluxTransformer2DModel with OminiControl's condition stream; roles fixed by block name."""
 
     def __init__(self, transformer: nn.Module, mask_blocks: tuple[str, ...] = DEFAULT_MASK_BLOCKS) -> None:
         self.transformer = transformer
-        self.attention = {
-            f"transformer_blocks.{i}": FluxConceptrolAttention(f"transformer_blocks.{i}" in mask_blocks)
-            for i in range(len(transformer.transformer_blocks))
-        } | {
-            f"single_transformer_blocks.{i}": FluxConceptrolAttention(f"single_transformer_blocks.{i}" in mask_blocks)
-            for i in range(len(transformer.single_transformer_blocks))
-        }
-        self._lora = {name: lora_layers(module) for name, module in transformer.named_children()}
-
-    def _lora_of(self, *names: str) -> list[nn.Module]:
-        return [layer for name in names for layer in self._lora.get(name, [])]
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        # (block, its attention role, its own LoRA layers): each block switches only its own LoRA off and on
+        self.blocks = [(block, FluxConceptrolAttention(name in mask_blocks), lora_layers(block))
+                       for name, block in zip(block_names(transformer), blocks)]
+        self.num_double = len(transformer.transformer_blocks)
+        self._lora = {name: lora_layers(getattr(transformer, name)) for name in ("x_embedder", "norm_out", "proj_out")}
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, inputs: StepInputs, condition: ConditionTokens | None, call: FluxCall,
@@ -83,7 +84,7 @@ class OminiControlTransformer:
         """The velocity prediction for the latent tokens [B, N, C_out]."""
         model = self.transformer
         dtype = latents.dtype
-        with lora_off(self._lora_of("x_embedder")):
+        with lora_off(self._lora["x_embedder"]):
             x = model.x_embedder(latents)
         temb = _time_embedding(model, inputs.timestep, inputs, dtype)
         text = model.context_embedder(inputs.text)
@@ -94,13 +95,9 @@ class OminiControlTransformer:
             cond_temb = _time_embedding(model, torch.zeros_like(inputs.timestep), inputs, dtype)
             cond_rotary = model.pos_embed(condition.ids)
         streams = _Streams(text, x, cond, temb, cond_temb, rotary, cond_rotary, call, condition_scale)
-        lora_blocks = self._lora_of("transformer_blocks")
-        for i, block in enumerate(model.transformer_blocks):
-            _double_block(block, streams, self.attention[f"transformer_blocks.{i}"], lora_blocks)
-        lora_single = self._lora_of("single_transformer_blocks")
-        for i, block in enumerate(model.single_transformer_blocks):
-            _single_block(block, streams, self.attention[f"single_transformer_blocks.{i}"], lora_single)
-        with lora_off(self._lora_of("norm_out", "proj_out")):
+        for index, (block, attention, lora) in enumerate(self.blocks):
+            (_double_block if index < self.num_double else _single_block)(block, streams, attention, lora)
+        with lora_off(self._lora["norm_out"] + self._lora["proj_out"]):
             return model.proj_out(model.norm_out(streams.latent, temb))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import adapter_active
-from ..masking import flux_concept_mask, flux_condition_bias
+from ..masking import flux_concept_mask, flux_condition_bias, span_weights
 
 # Blocks whose attention re-reads the mask, as in the reference (double block 18; single blocks 18 and 37).
 DEFAULT_MASK_BLOCKS = ("transformer_blocks.18", "single_transformer_blocks.18", "single_transformer_blocks.37")
@@ -49,6 +49,7 @@ class FluxCall:
     concept_mask: Tensor | None = None  # Â [B, N], mean 1, from the last mask-reading block
     records: list[Tensor] = field(default_factory=list)
     _bias: dict[tuple, Tensor] = field(default_factory=dict)
+    _weights: dict[tuple, Tensor] = field(default_factory=dict)
 
     def bias(self, layout: JointLayout, condition_scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The additive bias for the current mask and scale, built once until either changes."""
@@ -58,6 +59,13 @@ class FluxCall:
                                        condition_scale, self.concept_mask, device)
             self._bias[key] = bias.to(dtype)
         return self._bias[key]
+
+    def span_weights(self, num_text: int, device: torch.device) -> Tensor:
+        """[B, T] with 1/|S| on each sample's concept span, built once per call."""
+        key = (num_text, device)
+        if key not in self._weights:
+            self._weights[key] = span_weights([[span] for span in self.spans], num_text, device)[:, 0]
+        return self._weights[key]
 
     def update_mask(self, mask: Tensor) -> None:
         self.concept_mask = mask
@@ -78,14 +86,6 @@ class FluxConceptrolAttention:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         if self.reads_mask and call.spans is not None:
             text = slice(0, layout.num_text)
-            weights = _span_weights(call.spans, layout.num_text, query.device)
+            weights = call.span_weights(layout.num_text, query.device)
             call.update_mask(flux_concept_mask(query[:, :, layout.latent], key[:, :, text], weights))
         return out
-
-
-def _span_weights(spans: list[slice], num_text: int, device: torch.device) -> Tensor:
-    """[B, T] with 1/|S| on each sample's concept span."""
-    weights = torch.zeros(len(spans), num_text, device=device)
-    for b, span in enumerate(spans):
-        weights[b, span] = 1.0 / (span.stop - span.start)
-    return weights
