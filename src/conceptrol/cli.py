@@ -111,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         from .loading import pick_device
 
-        metrics = MetricModels.load(args.clip_model, args.dino_model, str(pick_device(device)))
+        metrics = MetricModels.load(args.clip_model, args.dino_model, str(pick_device(base.device)))
         scored = len(list(score_pass(metrics, out, rank, world)))
     judged = 0
     if args.judge_url:
@@ -125,15 +125,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _evaluation_pipeline(base: GenerateSettings):
     if base.model == "tiny":
-        from .tiny import load_tiny_ip_adapter, tiny_sd15_pipeline
+        from .offline_demo import tiny_pipeline
 
-        pipe = tiny_sd15_pipeline()
-        load_tiny_ip_adapter(pipe, "plus")
-        return pipe
-    from .loading import load_pipeline, pick_device, pick_dtype
+        return tiny_pipeline("sd15")
+    from .generate import pipeline_for
 
-    device = pick_device(base.device)
-    return load_pipeline(base.model, base.adapter, base.adapter_repo, device, pick_dtype(base.dtype, device, base.model))
+    return pipeline_for(base)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -91,15 +91,18 @@ def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
     """Generate with Conceptrol and save images (and mask overlays) into `settings.out`."""
     out = prepare_output_dir(settings.out)
     references = [load_reference_image(path) for path in settings.image]
-    if pipe is None:
-        from .loading import load_pipeline, pick_device, pick_dtype
-
-        device = pick_device(settings.device)
-        dtype = pick_dtype(settings.dtype, device, settings.model)
-        pipe = load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype)
-    result = run_conceptrol(pipe, settings, references)
+    result = run_conceptrol(pipe if pipe is not None else pipeline_for(settings), settings, references)
     result.files = save_result(result, settings, out)
     return result
+
+
+def pipeline_for(settings: GenerateSettings) -> Any:
+    """The pipeline and adapter the settings name, on their device and dtype."""
+    from .loading import load_pipeline, pick_device, pick_dtype
+
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device, settings.model)
+    return load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype)
 
 
 def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image]) -> GenerateResult:

@@ -56,7 +56,7 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
         scale=1.0, start=0.2, out=out, save_masks=True, device="cpu", dtype="fp32", condition_size=32,
         concept_layer="transformer_blocks.1" if model == "flux" else None,  # the tiny FLUX has 2 double blocks
     )
-    pipe = _tiny_pipeline(model, seed)
+    pipe = tiny_pipeline(model, seed)
     files = [reference, *generate(settings, pipe).files]
     baseline = replace(settings, masking="none", start=0.0, save_masks=False)
     files += generate(replace(baseline, scale=0.6) if model == "sd15" else baseline, pipe).files
@@ -68,7 +68,8 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
     return [*files, note]
 
 
-def _tiny_pipeline(model: str, seed: int):
+def tiny_pipeline(model: str = "sd15", seed: int = 0):
+    """The demo's tiny random pipeline with its adapter: SD 1.5 layout with IP-Adapter Plus, or FLUX with a LoRA."""
     from .tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline
 
     if model == "flux":
