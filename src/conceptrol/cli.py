@@ -1,4 +1,4 @@
-"""`conceptrol generate` and `conceptrol demo`: thin front-ends over the library's dataclasses."""
+"""`conceptrol generate`, `demo`, `evaluate`, `report` and `ui`: thin front-ends over the library's dataclasses."""
 
 from __future__ import annotations
 
@@ -78,7 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default="sd15", choices=["sd15", "flux"], help="tiny SD 1.5 or tiny FLUX (default: sd15)")
+    ui = commands.add_parser("ui", help="start the local web UI (vanilla vs Conceptrol side by side)")
+    ui.add_argument("--model", action="append", help="a model of the menu: sd15, sdxl, flux, flux-dev, a hub id or a "
+                                                     "local folder (repeatable; default: sd15, sdxl and flux)")
+    ui.add_argument("--demo", action="store_true", help="offline: tiny random models, nothing downloaded")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    ui.add_argument("--max-file-size", default="25mb", help="largest upload accepted (default: 25mb)")
+    ui.add_argument("--device", default="auto")
+    ui.add_argument("--dtype", default="auto")
+    ui.add_argument("--ip-adapter-repo", help="hub id or local copy of h94/IP-Adapter")
+    ui.add_argument("--ominicontrol-repo", help="hub id or local copy of Yuanshi/OminiControl")
     return parser
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    try:
+        from .demo import UIOptions, main as launch_ui
+    except ImportError as error:
+        raise ConceptrolError(str(error)) from None
+    if args.demo and args.model:
+        raise ConceptrolError("--demo uses its own tiny models; leave out --model")
+    fields = {k: v for k, v in vars(args).items() if k != "command"}
+    launch_ui(UIOptions(**fields | {"model": tuple(args.model or UIOptions.model)}))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -166,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        {"generate": cmd_generate, "demo": cmd_demo, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
+        {"generate": cmd_generate, "demo": cmd_demo, "evaluate": cmd_evaluate, "report": cmd_report,
+         "ui": cmd_ui}[args.command](args)
     except ConceptrolError as error:
         print(f"conceptrol: error: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
@@ -48,7 +48,8 @@ class FluxConceptrolHandle:
     def __call__(self, prompt: str | list[str], concepts: list | None = None, image: Image.Image | None = None, *,
                  height: int = 512, width: int = 512, num_inference_steps: int = 8, guidance_scale: float = 3.5,
                  condition_size: int = 512, num_images_per_prompt: int = 1, max_sequence_length: int = 512,
-                 generator: torch.Generator | None = None, output_type: str = "pil") -> FluxPipelineOutput:
+                 generator: torch.Generator | None = None, output_type: str = "pil",
+                 callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None) -> FluxPipelineOutput:
         """Generate; returns diffusers' FluxPipelineOutput. `concepts` holds one concept per reference image."""
         if self.runner is None:
             raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
@@ -64,7 +65,7 @@ class FluxConceptrolHandle:
             raise ConceptrolError(f"got {len(resolved.spans[0])} concepts for 1 reference image; pass exactly one")
         call = FluxCall(spans=None if self.config.masking == "none" else [s[0] for s in resolved.spans])
         images = run_ominicontrol(self.pipe, self.runner, call, prompts, image, settings, generator,
-                                  num_images_per_prompt, output_type)
+                                  num_images_per_prompt, output_type, callback_on_step_end)
         self.masks = self._masks(call, resolved.labels, settings)
         return FluxPipelineOutput(images=images)
 

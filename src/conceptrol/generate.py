@@ -6,11 +6,12 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
 
+from .concepts import Concept
 from .config import ConceptrolConfig
 from .errors import ConceptrolError
 from .images import load_reference_image
@@ -32,7 +33,7 @@ class GenerateSettings:
     """What `conceptrol generate` does; None fields take the paper's demo value for the architecture."""
 
     prompt: str
-    concept: tuple[str, ...]  # one concept per reference image
+    concept: tuple[str | Concept, ...]  # one concept per reference image (a word, or a Concept for a repeat)
     image: tuple[Path, ...]  # reference image files
     model: str = "sd15"  # preset (sd15, sdxl, flux, flux-dev), hub id or local folder
     adapter: str | None = None  # adapter variant (loading.ADAPTERS); None = plus (IP-Adapter) or subject (FLUX)
@@ -105,8 +106,12 @@ def pipeline_for(settings: GenerateSettings) -> Any:
     return load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype)
 
 
-def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image]) -> GenerateResult:
-    """Call `pipe` under Conceptrol with the settings, paper defaults filled in; the pipeline is left as found."""
+def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image],
+                   on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
+    """Call `pipe` under Conceptrol with the settings, paper defaults filled in; the pipeline is left as found.
+
+    `on_step(done, total)` is called after every denoising step (for progress bars).
+    """
     flux = is_flux_pipeline(pipe)
     demo = PAPER_DEMO["flux" if flux else detect_architecture(pipe.unet)]
     start = demo["start"] if settings.start is None else settings.start
@@ -116,6 +121,8 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
     common = dict(num_inference_steps=settings.steps or demo["steps"], num_images_per_prompt=settings.num_images,
                   guidance_scale=demo["guidance"] if settings.guidance is None else settings.guidance,
                   generator=torch.Generator("cpu").manual_seed(settings.seed))
+    if on_step is not None:
+        common["callback_on_step_end"] = _step_reporter(on_step, common["num_inference_steps"])
     handle = apply_conceptrol(pipe, config)
     try:
         if flux:
@@ -131,6 +138,16 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
     return GenerateResult(images=list(output.images), masks=handle.masks)
 
 
+def _step_reporter(on_step: Callable[[int, int], None], total: int) -> Callable[..., dict]:
+    """A diffusers `callback_on_step_end` that reports (steps done, total) and changes nothing."""
+
+    def report(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        on_step(step + 1, total)
+        return {}
+
+    return report
+
+
 def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -> list[Path]:
     """Write images (and overlays) under `out` only; names are built from safe characters."""
     files = []
@@ -140,7 +157,7 @@ def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -
         if settings.save_masks and result.masks is not None:
             for j, concept in enumerate(settings.concept):
                 overlay = result.masks.overlay(image, sample=index, concept=j)
-                files.append(_save(overlay, out, f"{stem}-mask{j}-{safe_name(concept)}.png"))
+                files.append(_save(overlay, out, f"{stem}-mask{j}-{safe_name(getattr(concept, 'text', concept))}.png"))
     return files
 
 

@@ -71,12 +71,16 @@ def pick_dtype(dtype: str, device: torch.device, model: str = "sd15") -> torch.d
 
 
 def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, device: torch.device,
-                  dtype: torch.dtype) -> Any:
-    """A text-to-image pipeline with its adapter: IP-Adapter for SD 1.5 / SDXL, the OminiControl LoRA for FLUX."""
+                  dtype: torch.dtype, flags: dict[str, str] | None = None) -> Any:
+    """A text-to-image pipeline with its adapter: IP-Adapter for SD 1.5 / SDXL, the OminiControl LoRA for FLUX.
+
+    `flags` names the options that set the model and each architecture's adapter repo, for error messages.
+    """
+    flags = flags or {}
     from diffusers import AutoPipelineForText2Image
 
     source = MODEL_PRESETS.get(model, model)
-    pipe = _fetch("the model", source, "--model",
+    pipe = _fetch("the model", source, flags.get("model", "--model"),
                   lambda: AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype))
     architecture = pipeline_architecture(pipe)
     weights = adapter_weights(architecture, adapter or DEFAULT_ADAPTERS[architecture])
@@ -86,7 +90,7 @@ def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, dev
     else:
         load = lambda: pipe.load_ip_adapter(repo, subfolder=weights.subfolder, weight_name=weights.weight_name,  # noqa: E731
                                             image_encoder_folder=weights.image_encoder)
-    _fetch(f"adapter {weights.weight_name}", repo, "--adapter-repo", load)
+    _fetch(f"adapter {weights.weight_name}", repo, flags.get(architecture, "--adapter-repo"), load)
     return pipe.to(device)
 
 

@@ -7,7 +7,7 @@ tokens of the reference image and calling `OminiControlTransformer` instead of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,8 +50,13 @@ def encode_condition(pipe: Any, image: Image.Image, batch: int, settings: OminiC
 @torch.no_grad()
 def run_ominicontrol(pipe: Any, runner: OminiControlTransformer, call: FluxCall, prompts: list[str],
                      image: Image.Image | None, settings: OminiControlSettings, generator: torch.Generator | None,
-                     num_images_per_prompt: int = 1, output_type: str = "pil") -> Any:
-    """Generate with OminiControl (and Conceptrol when `call.spans` is set); returns the decoded images."""
+                     num_images_per_prompt: int = 1, output_type: str = "pil",
+                     callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None) -> Any:
+    """Generate with OminiControl (and Conceptrol when `call.spans` is set); returns the decoded images.
+
+    `callback_on_step_end(pipe, step, timestep, {"latents": ...})` is called as diffusers calls it;
+    a returned "latents" entry replaces the latents.
+    """
     device = pipe.transformer.device
     text, pooled, txt_ids = pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=device,
                                                num_images_per_prompt=num_images_per_prompt,
@@ -70,6 +75,8 @@ def run_ominicontrol(pipe: Any, runner: OminiControlTransformer, call: FluxCall,
         c = condition_scale_at(step, len(timesteps), settings.start, settings.end, settings.condition_scale)
         velocity = runner(latents, inputs, condition, call, c)
         latents = pipe.scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if callback_on_step_end is not None:
+            latents = callback_on_step_end(pipe, step, t, {"latents": latents}).get("latents", latents)
     return _decode(pipe, latents, settings, output_type)
 
 
