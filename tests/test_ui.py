@@ -298,3 +298,17 @@ def test_ui_cli_without_gradio_says_how_to_install_it():
     result = run_ui_cli("ui", "--demo", code="sys.modules['gradio'] = None")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "pip install 'conceptrol[ui]'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_two_subjects_give_one_mask_each_in_reference_order(tmp_path):
+    cat, dog = tmp_path / "cat.png", tmp_path / "dog.png"
+    reference_picture(64).save(cat)
+    reference_picture(64).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(dog)
+    backend = LocalBackend(DEMO_CHOICES)
+    prompt = "a cat and a dog on a sofa"
+    request = request_from_inputs("tiny-sd15", prompt, slots([cat, dog], [positions(1), positions(4)]),
+                                  1.0, 0.0, 2, 0, (64, 48))
+    result = backend(request, lambda *_: None)
+    assert [label for _, label in result.overlays] == ["mask of 'cat'", "mask of 'dog'"]
+    masks = [np.asarray(image, dtype=np.float32) for image, _ in result.overlays]
+    assert not np.array_equal(masks[0], masks[1])  # each subject its own mask

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 MAX_REFERENCES = 3
 OUTPUT_HEIGHT = 360
 ERROR_SECONDS = 30  # how long an error message stays on the page
+CACHE_CLEANUP = (3600, 86400)  # every hour, delete uploads and results older than a day from gradio's cache
 # Show small outputs (the offline demo's) at the panel's width, like the mask gallery does.
 CSS = "#vanilla img, #conceptrol img { width: 100%; height: 100%; object-fit: contain; }"
 DEFAULT_PROMPT = "a dog surfing a wave"
@@ -35,7 +36,7 @@ def build_demo(generate_fn: GenerateFn, choices: Sequence[ModelChoice], prompt: 
                note: str = "") -> gr.Blocks:
     """The Conceptrol page; `generate_fn(request, progress)` does the work, one request at a time."""
     first = choices[0]
-    with gr.Blocks(title="Conceptrol", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Conceptrol", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(INTRO + (f"\n\n{note}" if note else ""))
         with gr.Row():
             with gr.Column(scale=2):
