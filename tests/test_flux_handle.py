@@ -86,3 +86,18 @@ def test_bf16_runs_and_reads_masks_in_fp32(t5_tok):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert handle.masks.masks.dtype == torch.float32
     torch.testing.assert_close(handle.masks.masks.mean(dim=(-1, -2)), torch.ones(3, 1, 1), atol=2e-2, rtol=0)
+
+
+def test_step_callback_sees_every_step_and_may_replace_the_latents(t5_tok):
+    handle = apply_conceptrol(tiny_flux(t5_tok), ConceptrolConfig(concept_layer="transformer_blocks.1"))
+    seen = []
+
+    def record(pipe, step, timestep, callback_kwargs):
+        seen.append((step, tuple(callback_kwargs["latents"].shape)))
+        return {}
+
+    plain = call(handle, concepts=["dog"], callback_on_step_end=record)
+    assert seen == [(0, (1, 24, 16)), (1, (1, 24, 16)), (2, (1, 24, 16))]
+    torch.testing.assert_close(plain, call(handle, concepts=["dog"]))  # a callback that returns {} changes nothing
+    zeroed = call(handle, concepts=["dog"], callback_on_step_end=lambda p, s, t, kw: {"latents": kw["latents"] * 0})
+    assert zeroed.abs().max() == 0
