@@ -125,7 +125,7 @@ def _heads(x: Tensor, head_dim: int) -> Tensor:
     return x.unflatten(-1, (-1, head_dim))  # [B, L, H, d]
 
 
-def _joint_attention(attn: nn.Module, s: _Streams, q: Tensor, k: Tensor, v: Tensor, cq, ck, cv,
+def _joint_attention(s: _Streams, q: Tensor, k: Tensor, v: Tensor, cq, ck, cv,
                      router: FluxConceptrolAttention) -> Tensor:
     """Attention over [text | latent | (condition)], q/k/v as [B, L, H, d]; returns [B, L_all, H*d]."""
     q, k = apply_rotary_emb(q, s.rotary, sequence_dim=1), apply_rotary_emb(k, s.rotary, sequence_dim=1)
@@ -157,7 +157,7 @@ def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention
     if s.cond is not None:
         c, cond_gate, cond_shift_mlp, cond_scale_mlp, cond_gate_mlp = block.norm1(s.cond, emb=s.cond_temb)
         cq, ck, cv = _image_qkv(attn, c)
-    out = _joint_attention(attn, s, torch.cat((tq, q), 1), torch.cat((tk, k), 1), torch.cat((tv, v), 1), cq, ck, cv, router)
+    out = _joint_attention(s, torch.cat((tq, q), 1), torch.cat((tk, k), 1), torch.cat((tv, v), 1), cq, ck, cv, router)
     text_out, latent_out = out[:, :text_len], out[:, text_len : text_len + latent_len]
     with lora_off(lora):
         latent_out = attn.to_out[1](attn.to_out[0](latent_out.contiguous()))
@@ -190,7 +190,7 @@ def _single_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention
         c, cond_gate = block.norm(s.cond, emb=s.cond_temb)
         cond_mlp = block.act_mlp(block.proj_mlp(c))
         cq, ck, cv = _image_qkv(attn, c)
-    out = _joint_attention(attn, s, q, k, v, cq, ck, cv, router)
+    out = _joint_attention(s, q, k, v, cq, ck, cv, router)
     with lora_off(lora):
         joint = joint + gate.unsqueeze(1) * block.proj_out(torch.cat((out[:, : joint.shape[1]], mlp), dim=2))
     if joint.dtype == torch.float16:

@@ -29,9 +29,6 @@ class RecordStore:
                 continue
         return records
 
-    def done(self) -> set[str]:
-        return {record["case_id"] for record in self.read()}
-
     def append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             if f.tell() and not self._ends_with_newline():

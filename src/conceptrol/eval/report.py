@@ -103,15 +103,11 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
 def write_html(out: Path, rows: list[dict], plots: list[Path] = (), max_cases: int = 12) -> Path:
     """report.html: the table, the plots and a grid of reference -> output per method and scale, all embedded."""
-    generations = [r for r in read_all(out, "generations") if r["status"] == "ok"]
-    settings = sorted({(r["method"], r["scale"]) for r in generations})
-    by_case: dict[str, dict] = defaultdict(dict)
-    for record in generations:
-        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
+    settings, by_case = _outputs_by_case(out)
     names = ("method", "scale", "n", *columns(rows))
     table = "".join("<tr>" + "".join(f"<td>{_cell(row.get(k, ''), k)}</td>" for k in names) + "</tr>" for row in rows)
     grid = []
-    for case_id, cells in list(sorted(by_case.items()))[:max_cases]:
+    for case_id, cells in by_case[:max_cases]:
         first = next(iter(cells.values()))
         images = [_img(Path(first["reference"]))] + [_img(out / cells[c]["image"]) if c in cells else "" for c in settings]
         grid.append(f"<tr><td>{html.escape(first['prompt'])}<br><i>{html.escape(first['concept'])}</i></td>"
@@ -139,12 +135,8 @@ def write_grid(out: Path, max_cases: int = 8, cell: int = 128) -> Path | None:
     """grid.png: one row per case, the reference then the output of each method and scale."""
     from PIL import ImageDraw
 
-    generations = [r for r in read_all(out, "generations") if r["status"] == "ok"]
-    settings = sorted({(r["method"], r["scale"]) for r in generations})
-    by_case: dict[str, dict] = defaultdict(dict)
-    for record in generations:
-        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
-    cases = list(sorted(by_case.items()))[:max_cases]
+    settings, by_case = _outputs_by_case(out)
+    cases = by_case[:max_cases]
     if not cases:
         return None
     header = 20
@@ -161,6 +153,15 @@ def write_grid(out: Path, max_cases: int = 8, cell: int = 128) -> Path | None:
     path = out / "grid.png"
     grid.save(path)
     return path
+
+
+def _outputs_by_case(out: Path) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
+    """The (method, scale) settings generated, and each case's record per setting, sorted by case id."""
+    generations = [r for r in read_all(out, "generations") if r["status"] == "ok"]
+    by_case: dict[str, dict] = defaultdict(dict)
+    for record in generations:
+        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
+    return sorted({(r["method"], r["scale"]) for r in generations}), sorted(by_case.items())
 
 
 def _img(path: Path, size: int = 256) -> str:
