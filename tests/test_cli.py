@@ -142,3 +142,16 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
     Image.new("L", (4000, 3000)).save(big)
     with pytest.raises(ConceptrolError, match="4000x3000 pixels, more than"):
         load_reference_image(big, max_pixels=10_000_000)
+
+
+def test_auto_dtype_is_bf16_for_flux_by_preset_hub_id_or_local_folder(tmp_path):
+    import torch
+
+    from conceptrol.loading import pick_dtype
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    gpu = torch.device("cuda")
+    for flux in ("flux", "flux-dev", "black-forest-labs/FLUX.1-schnell", str(tmp_path)):
+        assert pick_dtype("auto", gpu, flux) == torch.bfloat16, flux
+    assert pick_dtype("auto", gpu, "sdxl") == torch.float16
+    assert pick_dtype("auto", torch.device("cpu"), str(tmp_path)) == torch.float32

@@ -97,13 +97,13 @@ def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
     return result
 
 
-def pipeline_for(settings: GenerateSettings) -> Any:
-    """The pipeline and adapter the settings name, on their device and dtype."""
+def pipeline_for(settings: GenerateSettings, flags: dict[str, str] | None = None) -> Any:
+    """The pipeline and adapter the settings name, on their device and dtype (`flags`: see load_pipeline)."""
     from .loading import load_pipeline, pick_device, pick_dtype
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, settings.model)
-    return load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype)
+    return load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype, flags)
 
 
 def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -63,11 +64,22 @@ def pick_dtype(dtype: str, device: torch.device, model: str = "sd15") -> torch.d
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        return torch.bfloat16 if model.startswith("flux") else torch.float16  # FLUX is trained and run in bf16
+        return torch.bfloat16 if guess_architecture(model) == "flux" else torch.float16  # FLUX runs in bf16
     choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in choices:
         raise ConceptrolError(f"dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
     return choices[dtype]
+
+
+def guess_architecture(model: str) -> str:
+    """sd15, sdxl or flux before loading: from a local folder's model_index.json, else from the name."""
+    index = Path(model).expanduser() / "model_index.json"
+    name = model.lower()
+    if index.is_file():
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "").lower()
+    if "flux" in name:
+        return "flux"
+    return "sdxl" if "xl" in name else "sd15"
 
 
 def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, device: torch.device,

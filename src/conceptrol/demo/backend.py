@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -17,6 +16,7 @@ from ..concepts import Concept
 from ..errors import ConceptrolError
 from ..generate import PAPER_DEMO, GenerateSettings, run_conceptrol
 from ..images import load_reference_image
+from ..loading import guess_architecture
 
 Progress = Callable[[float, str], None]  # (fraction done, what is running)
 # `conceptrol ui` options that point at local copies, named in "could not load" messages.
@@ -65,17 +65,6 @@ def model_choice(model: str) -> ModelChoice:
     architecture = guess_architecture(model)
     size = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (512, 512)}[architecture]
     return ModelChoice(model, model, architecture, size)
-
-
-def guess_architecture(model: str) -> str:
-    """sd15, sdxl or flux, from a local folder's model_index.json, else from the name."""
-    index = Path(model).expanduser() / "model_index.json"
-    name = model.lower()
-    if index.is_file():
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "").lower()
-    if "flux" in name:
-        return "flux"
-    return "sdxl" if "xl" in name else "sd15"
 
 
 @dataclass(frozen=True)
@@ -179,8 +168,8 @@ class LocalBackend:
             from ..offline_demo import tiny_pipeline
 
             return tiny_pipeline(choice.architecture)
-        from ..loading import load_pipeline, pick_device, pick_dtype
+        from ..generate import pipeline_for
 
-        device = pick_device(self.device)
-        return load_pipeline(choice.key, None, self.adapter_repos.get(choice.architecture), device,
-                             pick_dtype(self.dtype, device, choice.architecture), flags=UI_FLAGS)
+        settings = GenerateSettings(prompt="", concept=(), image=(), model=choice.key, device=self.device,
+                                    dtype=self.dtype, adapter_repo=self.adapter_repos.get(choice.architecture))
+        return pipeline_for(settings, flags=UI_FLAGS)
