@@ -64,6 +64,11 @@ def test_empty_concept_is_rejected(clip_tok):
         find_concept_span(clip_tok, "a dog", "  ")
 
 
+def test_concept_of_punctuation_only_is_rejected(clip_tok):
+    with pytest.raises(ConceptrolError, match="non-empty word or phrase"):
+        find_concept_span(clip_tok, "a dog, surfing", ",")
+
+
 def test_one_concept_list_applies_to_every_prompt_and_repeats_per_image(clip_tok):
     resolved = resolve_concepts(clip_tok, ["a dog", "one big dog"], ["dog"], num_samples=4)
     assert resolved.spans == [[slice(2, 3)]] * 2 + [[slice(3, 4)]] * 2
@@ -95,3 +100,68 @@ def test_mismatched_concept_lists_are_rejected(clip_tok):
         resolve_concepts(clip_tok, ["a dog", "a cat"], [["dog"], ["cat", "a"]], num_samples=2)
     with pytest.raises(ConceptrolError, match="non-empty list"):
         resolve_concepts(clip_tok, ["a dog"], "dog", num_samples=1)
+
+
+@pytest.mark.parametrize(("prompt", "concept", "whole_word"), [
+    ("a seahorse on a rock", "horse", "seahorse"),  # CLIP's BPE: sea + horse</w>
+    ("a sheepdog on a farm", "dog", "sheepdog"),  # sheep + dog</w>
+    ("a tomcat on a roof", "cat", "tomcat"),  # tom + cat</w>
+])
+def test_word_at_the_end_of_a_longer_word_is_not_the_word(clip_tok, prompt, concept, whole_word):
+    assert f"{concept}</w>" in clip_tok.tokenize(prompt)  # a token search alone would match here
+    with pytest.raises(ConceptNotFoundError, match=f"did you mean '{whole_word}'"):
+        find_concept_span(clip_tok, prompt, concept)
+
+
+def test_the_whole_word_is_found_after_a_longer_word_that_ends_like_it(clip_tok):
+    prompt = "a seahorse next to a horse"
+    span = find_concept_span(clip_tok, prompt, "horse")
+    assert span == slice(7, 8)
+    assert tokens(clip_tok, prompt, span) == ["horse</w>"]
+
+
+@pytest.mark.parametrize("concept", ["dog,", " (dog) ", "dog!", "'dog'"])
+def test_punctuation_around_the_concept_is_ignored(clip_tok, concept):
+    prompt = "a dog, surfing"
+    assert tokens(clip_tok, prompt, find_concept_span(clip_tok, prompt, concept)) == ["dog</w>"]
+    assert resolve_concepts(clip_tok, [prompt], [concept], num_samples=1).labels == [["dog"]]
+
+
+def test_punctuation_in_the_prompt_never_joins_the_span(clip_tok):
+    prompt = "a (dog), surfing with a red hat."
+    assert tokens(clip_tok, prompt, find_concept_span(clip_tok, prompt, "dog")) == ["dog</w>"]
+    assert tokens(clip_tok, prompt, find_concept_span(clip_tok, prompt, "red hat.")) == ["red</w>", "hat</w>"]
+
+
+def test_inner_punctuation_stays_and_a_dashed_word_is_one_word(clip_tok):
+    prompt = "a teddy-bear on the moon"
+    span = find_concept_span(clip_tok, prompt, "Teddy-Bear")
+    assert tokens(clip_tok, prompt, span) == ["teddy</w>", "-</w>", "bear</w>"]
+    with pytest.raises(ConceptNotFoundError, match="did you mean 'teddy-bear'"):
+        find_concept_span(clip_tok, prompt, "bear")
+
+
+def test_occurrence_counts_whole_words_only(clip_tok):
+    prompt = "a corndog for the dog and the other Dog"  # corn + dog</w> is not a dog
+    assert tokens(clip_tok, prompt, slice(2, 4)) == ["corn", "dog</w>"]
+    assert find_concept_span(clip_tok, prompt, "dog") == slice(6, 7)
+    assert find_concept_span(clip_tok, prompt, Concept("dog", occurrence=1)) == slice(10, 11)
+    with pytest.raises(ConceptNotFoundError, match="occurs 2 time"):
+        find_concept_span(clip_tok, prompt, Concept("dog", occurrence=2))
+
+
+def test_a_word_picked_in_the_demo_gives_the_span_of_that_very_word(clip_tok):
+    from conceptrol.demo.concept_words import concept_from_words, prompt_words
+
+    prompt = "a corndog, a dog and a Dog; a dog-sled, a dog"
+    # tokens: BOS a corn dog , a [dog] and a [Dog] ; a dog - sled , a [dog] EOS
+    picked = [str(i) for i, word in enumerate(prompt_words(prompt)) if word.lower() == "dog"]
+    spans = [find_concept_span(clip_tok, prompt, concept_from_words(prompt, [i])) for i in picked]
+    assert spans == [slice(6, 7), slice(9, 10), slice(17, 18)]
+    assert all(tokens(clip_tok, prompt, span) == ["dog</w>"] for span in spans)
+
+
+def test_an_unrelated_concept_gets_no_far_fetched_suggestion(clip_tok):
+    with pytest.raises(ConceptNotFoundError) as raised:
+        find_concept_span(clip_tok, "a dog on the moon", "cat")
+    assert "did you mean" not in str(raised.value) and "pass a word or phrase that appears in the prompt" in str(raised.value)

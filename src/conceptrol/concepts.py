@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import difflib
 import re
+import textwrap
+import warnings
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .errors import ConceptNotFoundError, ConceptrolError
+from .errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
+
+# A word: letters/digits with inner apostrophes and dashes ("teddy-bear"); the same rule as demo/concept_words.py.
+WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")
 
 
 @dataclass(frozen=True)
 class Concept:
-    """A concept word or phrase; `occurrence` picks which repeat in the prompt (0 = first)."""
+    """A concept word or phrase of the prompt; `occurrence` picks which whole-word repeat (0 = first).
+
+    Matching ignores case and the punctuation around the concept; "dog" is not found inside "dogs" or "hotdog".
+    """
 
     text: str
     occurrence: int = 0
@@ -25,17 +33,19 @@ ConceptLike = Union[str, Concept, slice, tuple]
 def find_concept_span(
     tokenizer: Any, prompt: str, concept: str | Concept, max_length: int | None = None
 ) -> slice:
-    """Token positions [start, end) of `concept` in the tokenized `prompt`, counting special start tokens."""
+    """Token positions [start, end) of `concept` in the tokenized `prompt`, counting special start tokens.
+
+    The concept matches a run of whole words of the prompt (split as the demo's word picker splits them),
+    case-insensitively; punctuation around the concept, and whitespace or punctuation between its words, is ignored.
+    """
     concept = Concept(concept) if isinstance(concept, str) else concept
-    if not concept.text.strip():
-        raise ConceptrolError("a concept must be a non-empty word or phrase from the prompt")
-    prompt_ids = list(tokenizer(prompt, truncation=False).input_ids)
-    concept_ids = list(tokenizer(concept.text, add_special_tokens=False).input_ids)
-    starts = _subsequence_starts(prompt_ids, concept_ids)
-    if len(starts) <= concept.occurrence:
-        raise ConceptNotFoundError(_not_found_message(tokenizer, prompt, concept, prompt_ids, len(starts)))
-    start = starts[concept.occurrence]
-    span = slice(start, start + len(concept_ids))
+    phrase = _words(concept.text)
+    if not phrase:
+        raise ConceptrolError(f"a concept must be a non-empty word or phrase from the prompt, got {concept.text!r}")
+    matches = _phrase_matches(prompt, phrase)
+    if len(matches) <= concept.occurrence:
+        raise ConceptNotFoundError(_not_found_message(tokenizer, prompt, concept, len(matches)))
+    span = _token_span(tokenizer, prompt, *matches[concept.occurrence])
     limit = (max_length or tokenizer.model_max_length) - 1  # the last kept position holds the end token
     if span.stop > limit:
         raise ConceptNotFoundError(
@@ -44,6 +54,28 @@ def find_concept_span(
             "shorten the prompt or move the concept nearer its start"
         )
     return span
+
+
+def truncated_text(tokenizer: Any, prompt: str, max_length: int | None = None) -> str:
+    """The end of `prompt` that the text encoder's token limit cuts off, as written ('' when it all fits).
+
+    Special tokens count as the pipelines count them (CLIP: start + 75 + end = 77; T5: end token only).
+    A word cut in the middle is reported whole.
+    """
+    limit = max_length or tokenizer.model_max_length
+    body = _ids(tokenizer, prompt)
+    kept = limit - (len(_ids(tokenizer, prompt, special=True)) - len(body))
+    if len(body) <= kept:
+        return ""
+    cuts = _cut_points(prompt)
+    low, high = 0, len(cuts) - 1  # invariant: tokens before cuts[low] <= kept < tokens before cuts[high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _common_prefix(_ids(tokenizer, prompt[: cuts[middle]]), body) <= kept:
+            low = middle
+        else:
+            high = middle
+    return prompt[cuts[low] :].strip()
 
 
 def as_span(value: slice | tuple, num_text_tokens: int | None = None) -> slice:
@@ -56,21 +88,77 @@ def as_span(value: slice | tuple, num_text_tokens: int | None = None) -> slice:
     return slice(start, stop)
 
 
-def _subsequence_starts(sequence: list[int], pattern: list[int]) -> list[int]:
-    n = len(pattern)
-    return [i for i in range(len(sequence) - n + 1) if sequence[i : i + n] == pattern]
+def _words(text: str) -> list[str]:
+    """The lowercased words of a concept or prompt, as the demo's word picker splits them ("teddy-bear" is one)."""
+    return [word.lower() for word in WORD.findall(text)]
 
 
-def _not_found_message(tokenizer: Any, prompt: str, concept: Concept, prompt_ids: list[int], found: int) -> str:
+def _phrase_matches(prompt: str, phrase: list[str]) -> list[tuple[int, int]]:
+    """Character ranges where the prompt's words are the phrase's words, in order."""
+    words = list(WORD.finditer(prompt))
+    lowered = [word.group().lower() for word in words]
+    n = len(phrase)
+    starts = [i for i in range(len(words) - n + 1) if lowered[i : i + n] == phrase]
+    return [(words[i].start(), words[i + n - 1].end()) for i in starts]
+
+
+def _token_span(tokenizer: Any, prompt: str, start: int, end: int) -> slice:
+    """Positions of the tokens that spell prompt[start:end], found by tokenizing the prompt up to either end.
+
+    Tokenizing the prompt's own text keeps its case (T5 is case-sensitive); a token that straddles an end is kept.
+    """
+    body = _ids(tokenizer, prompt)
+    first = _common_prefix(_ids(tokenizer, prompt[:start].rstrip()), body)
+    through_end = _ids(tokenizer, prompt[:end])
+    last = _common_prefix(through_end, body)
+    if last < len(through_end):
+        last += 1
+    offset = _leading_special_tokens(tokenizer, prompt, body)
+    return slice(offset + first, offset + max(last, first + 1))
+
+
+def _ids(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    # verbose=False: no "sequence length is longer than" log; the caller warns about truncation itself
+    return list(tokenizer(text, add_special_tokens=special, truncation=False, verbose=False).input_ids)
+
+
+def _common_prefix(ids: list[int], body: list[int]) -> int:
+    n = 0
+    while n < min(len(ids), len(body)) and ids[n] == body[n]:
+        n += 1
+    return n
+
+
+def _leading_special_tokens(tokenizer: Any, prompt: str, body: list[int]) -> int:
+    """How many special tokens come before the prompt's own (CLIP's start token: 1; T5: 0)."""
+    full = _ids(tokenizer, prompt, special=True)
+    return next((i for i in range(len(full) - len(body) + 1) if full[i : i + len(body)] == body), 0)
+
+
+def _cut_points(prompt: str) -> list[int]:
+    """Where a token may end: the prompt's ends, each change between space, letters and other characters, each digit."""
+    def kind(char: str) -> str:
+        return "space" if char.isspace() else "letter" if char.isalpha() else "digit" if char.isdigit() else "other"
+
+    kinds = [kind(char) for char in prompt]
+    inner = [i for i in range(1, len(prompt)) if kinds[i - 1] != kinds[i] or kinds[i] == "digit"]
+    return [0, *inner, len(prompt)]
+
+
+def _not_found_message(tokenizer: Any, prompt: str, concept: Concept, found: int) -> str:
     if found:
         return (
             f"concept {concept.text!r} occurs {found} time(s) in prompt {prompt!r}, "
             f"so occurrence={concept.occurrence} does not exist; use an occurrence below {found}"
         )
-    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
+    tokens = tokenizer.convert_ids_to_tokens(_ids(tokenizer, prompt, special=True))
     message = f"concept {concept.text!r} not found in prompt {prompt!r}; its tokens are {tokens}"
-    words = re.findall(r"[\w'-]+", prompt.lower())
-    close = difflib.get_close_matches(concept.text.lower(), words, n=1, cutoff=0.5)
+    n = len(_words(concept.text))
+    words = _words(prompt)
+    phrases = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    wanted = " ".join(_words(concept.text))
+    containing = [p for p in phrases if wanted in p]  # 'dog' -> 'sheepdog', 'bear' -> 'teddy-bear'
+    close = containing[:1] or difflib.get_close_matches(wanted, phrases, n=1, cutoff=0.6)
     if close:
         message += f"; did you mean {close[0]!r}?"
     else:
@@ -116,7 +204,22 @@ def resolve_concepts(
         repeats = num_samples // num_prompts
         spans += [[span for span, _ in resolved]] * repeats
         labels += [[label for _, label in resolved]] * repeats
+    for prompt in dict.fromkeys(prompts or []):
+        _warn_if_truncated(tokenizer, prompt, max_length)
     return ResolvedConcepts(spans=spans, labels=labels)
+
+
+def _warn_if_truncated(tokenizer: Any, prompt: str, max_length: int | None) -> None:
+    """One ConceptrolWarning naming the words the text encoder will never see (diffusers' own is hidden)."""
+    dropped = truncated_text(tokenizer, prompt, max_length)
+    if dropped:
+        shown = textwrap.shorten(prompt, 50, placeholder=" ...")
+        limit = max_length or tokenizer.model_max_length
+        warnings.warn(
+            f"prompt {shown!r} is longer than the text encoder's {limit}-token limit; "
+            f"these words are dropped: {dropped!r}",
+            ConceptrolWarning, stacklevel=3,
+        )
 
 
 def _is_pair(value: Any) -> bool:
@@ -127,7 +230,7 @@ def _resolve_one(tokenizer: Any, prompt: str | None, concept: Any, max_length: i
     if isinstance(concept, slice) or _is_pair(concept):
         span = as_span(concept)
         if prompt is not None:
-            num_tokens = len(tokenizer(prompt, truncation=False).input_ids)
+            num_tokens = len(_ids(tokenizer, prompt, special=True))
             if span.stop > num_tokens:
                 raise ConceptrolError(
                     f"token span {span.start}..{span.stop - 1} falls in the padding after the {num_tokens} tokens "
@@ -141,4 +244,4 @@ def _resolve_one(tokenizer: Any, prompt: str | None, concept: Any, max_length: i
             "without a text prompt (prompt_embeds given), concepts must be explicit (start, end) token spans"
         )
     text = concept if isinstance(concept, str) else concept.text
-    return find_concept_span(tokenizer, prompt, concept, max_length), text
+    return find_concept_span(tokenizer, prompt, concept, max_length), re.sub(r"^[\W_]+|[\W_]+$", "", text)
