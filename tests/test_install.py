@@ -116,19 +116,51 @@ def test_only_the_concept_layer_stores_the_global_mask(monkeypatch):
     assert writers == [SD15_LAYER] * 4
 
 
+# The SD 1.5 layers that run before the concept layer (grid 4x6) and their grids for a 16x24 latent.
+EARLY_LAYER_GRIDS = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2": (16, 24),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2": (8, 12),
+    "down_blocks.2.attentions.0.transformer_blocks.0.attn2": (4, 6),
+    "mid_block.attentions.0.transformer_blocks.0.attn2": (2, 3),
+}
+
+
+def naive_local_mask(query, key, span):
+    """ALGORITHM.md section 1 for one sample and concept: [1, 1, N], from the conditional (last) row."""
+    q, k = query[-1].double(), key[-1].double()  # [H, N, d], [H, T, d]
+    probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-1)  # [H, N, T]
+    m = probs[..., span].mean(dim=-1).mean(dim=0)  # [N]
+    return (m / (m.max() + 1e-6)).view(1, 1, -1)
+
+
 def test_layers_before_the_concept_layer_use_the_previous_steps_mask(monkeypatch):
-    local_reads = []  # (step, layer) of every local mask computed
-    original = ConceptrolIPAdapterProcessor._local_mask
-    monkeypatch.setattr(
-        ConceptrolIPAdapterProcessor, "_local_mask",
-        lambda self, call, *a: (local_reads.append((call.step, self.name)), original(self, call, *a))[1],
-    )
     pipe = make_pipe("sd15")
-    apply_conceptrol(pipe)(PROMPT, concepts=["dog"], **kwargs())
-    first_step = [name for step, name in local_reads if step == 0]
-    assert first_step[-1] == SD15_LAYER and all(n.startswith(("down", "mid")) for n in first_step[:-1])
-    assert len(first_step) == 5  # 3 down, 1 mid, then the concept layer
-    assert [name for step, name in local_reads if step > 0] == [SD15_LAYER] * 3
+    span = find_concept_span(pipe.tokenizer, PROMPT, "dog")
+    applied, local = {}, {}  # (step, layer) -> concept weights the layer applied / its own local mask
+    original = ConceptrolIPAdapterProcessor._concept_weights
+
+    def spy(self, call, query, key, attention_mask, active):
+        weights = original(self, call, query, key, attention_mask, active)
+        if self.name in EARLY_LAYER_GRIDS:
+            assert attention_mask is None
+            applied[call.step, self.name] = weights.detach().cpu()  # [S, J, N, 1]
+            local[call.step, self.name] = naive_local_mask(query.detach().cpu(), key.detach().cpu(), span)
+        return weights
+
+    monkeypatch.setattr(ConceptrolIPAdapterProcessor, "_concept_weights", spy)
+    handle = apply_conceptrol(pipe)
+    handle(PROMPT, concepts=["dog"], **kwargs())
+    stored = handle.masks.masks  # [steps, S, J, h, w] at the concept layer
+    assert stored.shape == (4, 1, 1, 4, 6)
+    assert set(applied) == {(k, name) for k in range(4) for name in EARLY_LAYER_GRIDS}
+    assert all((stored[k] - stored[k - 1]).abs().max() > 1e-3 for k in range(1, 4))  # a stale mask would show
+    for name, grid in EARLY_LAYER_GRIDS.items():
+        # step 0: nothing is stored yet, so each layer uses its own local mask
+        torch.testing.assert_close(applied[0, name].squeeze(-1), local[0, name].float(), atol=1e-5, rtol=1e-5)
+        for step in range(1, 4):  # then the concept layer's mask of the previous step, nearest-resized
+            previous = torch.nn.functional.interpolate(stored[step - 1], size=grid, mode="nearest")  # [S, J, h', w']
+            torch.testing.assert_close(applied[step, name], previous.flatten(2).unsqueeze(-1), atol=0, rtol=0)
+            assert (applied[step, name].squeeze(-1) - local[step, name].float()).abs().max() > 1e-3  # not its own
 
 
 def test_state_resets_between_calls_and_after_errors():
