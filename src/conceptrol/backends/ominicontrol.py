@@ -76,12 +76,16 @@ class OminiControlTransformer:
         self.blocks = [(block, FluxConceptrolAttention(name in mask_blocks), lora_layers(block))
                        for name, block in zip(block_names(transformer), blocks)]
         self.num_double = len(transformer.transformer_blocks)
+        self._no_read = FluxConceptrolAttention(reads_mask=False)  # every block of a pass that reads no mask
         self._lora = {name: lora_layers(getattr(transformer, name)) for name in ("x_embedder", "norm_out", "proj_out")}
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, inputs: StepInputs, condition: ConditionTokens | None, call: FluxCall,
-                 condition_scale: float) -> Tensor:
-        """The velocity prediction for the latent tokens [B, N, C_out]."""
+                 condition_scale: float, read_masks: bool = True) -> Tensor:
+        """The velocity prediction for the latent tokens [B, N, C_out].
+
+        With `read_masks=False` no block reads Â: every block uses `call`'s current mask (true CFG's negative pass).
+        """
         model = self.transformer
         dtype = latents.dtype
         with lora_off(self._lora["x_embedder"]):
@@ -96,7 +100,8 @@ class OminiControlTransformer:
             cond_rotary = model.pos_embed(condition.ids)
         streams = _Streams(text, x, cond, temb, cond_temb, rotary, cond_rotary, call, condition_scale)
         for index, (block, attention, lora) in enumerate(self.blocks):
-            (_double_block if index < self.num_double else _single_block)(block, streams, attention, lora)
+            router = attention if read_masks else self._no_read
+            (_double_block if index < self.num_double else _single_block)(block, streams, router, lora)
         with lora_off(self._lora["norm_out"] + self._lora["proj_out"]):
             return model.proj_out(model.norm_out(streams.latent, temb))
 
