@@ -38,3 +38,11 @@ def t5_tok(tmp_path_factory):
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
     )
     return T5Tokenizer.from_pretrained(str(folder), extra_ids=0, legacy=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """(model folder, adapter repo folder): a tiny SD 1.5 saved as diffusers saves it, and h94/IP-Adapter's layout."""
+    from conceptrol.tiny import save_tiny_sd15
+
+    return save_tiny_sd15(tmp_path_factory.mktemp("tiny-weights"))

@@ -11,8 +11,8 @@ from conceptrol.config import adapter_active
 @pytest.mark.parametrize(
     "fields,message",
     [
-        (dict(scale=-0.1), "scale must be a number >= 0"),
-        (dict(scale=math.nan), "scale must be a number >= 0"),
+        (dict(scale=-0.1), "scale must be a finite number >= 0"),
+        (dict(scale=math.nan), "scale must be a finite number >= 0"),
         (dict(start=0.6, end=0.5), "must be smaller than end"),
         (dict(start=0.5, end=0.5), "must be smaller than end"),
         (dict(start=-0.1), "start must be a fraction"),

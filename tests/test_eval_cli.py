@@ -1,49 +1,190 @@
-"""`conceptrol evaluate` and `conceptrol report` as a user runs them (offline, tiny model, no scoring)."""
+"""`conceptrol evaluate` and `conceptrol report` as a user runs them (offline, tiny model)."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from PIL import Image
 from test_cli import run_cli
+from test_eval_data import RELEASE, dreambench_plus
+
+from conceptrol.cli import main
+
+TINY = ["--model", "tiny", "--steps", "2", "--size", "32x32"]
+
+
+def manifest(folder, prompts=("a dog on the moon", "a cat on a sofa"), concept="dog"):
+    Image.new("RGB", (16, 16), "red").save(folder / "dog.png")
+    rows = [{"id": f"d{i}", "image": "dog.png", "prompt": p, "concept": concept} for i, p in enumerate(prompts)]
+    (folder / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "set.jsonl"
+
+
+def evaluate(capsys, *args):
+    """`conceptrol evaluate ...` in this process: (exit status, stdout, stderr lines)."""
+    code = main(["evaluate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
 
 
 def test_evaluate_then_report_writes_records_table_and_html(tmp_path):
-    Image.new("RGB", (16, 16), "red").save(tmp_path / "dog.png")
-    rows = [{"id": "d1", "image": "dog.png", "prompt": "a dog on the moon", "concept": "dog"},
-            {"id": "d2", "image": "dog.png", "prompt": "a cat on a sofa", "concept": "dog"}]
-    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    args = ["evaluate", "--benchmark", str(tmp_path / "set.jsonl"), "--model", "tiny", "--steps", "2",
-            "--size", "32x32", "--out", str(tmp_path / "run"), "--no-score"]
+    args = ["evaluate", "--benchmark", str(manifest(tmp_path)), *TINY, "--out", str(tmp_path / "run"), "--no-score"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     assert "4 generated (2 failed)" in first.stdout
+    assert "1 of 2 cases do not have their concept in the prompt (e.g. d1: 'dog' in 'a cat on a sofa')" in first.stdout
     again = run_cli(*args)
-    assert "0 generated" in again.stdout  # resumed: nothing repeated
+    assert "2 generated (2 failed)" in again.stdout  # finished jobs are kept; only the failed ones run again
     report = run_cli("report", str(tmp_path / "run"))
-    assert report.returncode == 0 and "2 jobs failed" in report.stdout
+    assert report.returncode == 0, report.stderr
+    assert "2 jobs failed" in report.stdout and "steps 2" in report.stdout and "size 32x32" in report.stdout
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.count("<img") == 1 + 2  # the reference and one output per method for the case that ran
 
 
+def test_dreambench_plus_release_runs_every_category_and_says_how_many(tmp_path, capsys):
+    root = dreambench_plus(tmp_path / "bench", RELEASE)
+    code, out, err = evaluate(capsys, "--benchmark", str(root), *TINY, "--method", "conceptrol", "--limit", "4",
+                              "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert f"benchmark {root}: 4 cases: live_subject/animal 3, live_subject/human 1" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "generations.rank0.jsonl").read_text().splitlines()]
+    assert {r["category"] for r in records} == {"live_subject/animal", "live_subject/human"}
+
+
+@pytest.mark.parametrize("change,stored", [
+    (["--steps", "3"], "steps 2 there, 3 now"),
+    (["--size", "48x32"], "size '32x32' there, '48x32' now"),
+    (["--start", "0.5"], "start 0.2 there, 0.5 now"),
+    (["--guidance", "3.0"], "guidance 7.5 there, 3.0 now"),
+    (["--negative-prompt", "blurry"], "negative_prompt"),
+    (["--end", "0.9"], "end 1.0 there, 0.9 now"),
+])
+def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path, capsys, change, stored):
+    common = ["--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), "--no-score", "--out", str(tmp_path / "run")]
+    code, _, err = evaluate(capsys, *common, *TINY, "--method", "conceptrol")
+    assert code == 0, err
+    changed = [*TINY[:-2], "--size", "32x32", *change] if change[0] != "--size" else [*TINY[:-2], *change]
+    code, out, err = evaluate(capsys, *common, *changed, "--method", "conceptrol")
+    assert code == 2 and len(err) == 1 and stored in err[0] and "pass a new --out" in err[0]
+    assert len((tmp_path / "run" / "generations.rank0.jsonl").read_text().splitlines()) == 1  # nothing new made
+    code, out, err = evaluate(capsys, *common, *TINY, "--method", "conceptrol", "--scale", "0.5")  # same settings, more
+    assert code == 0 and "1 generated" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--limit", "-1"], "--limit must be at least 1"),
+    (["--seeds", "-3"], "seed must be an integer from 0 to 2**63-1"),
+    (["--scale", "inf"], "scale must be a finite number >= 0"),
+    (["--method", "ominicontrol"], "--method ominicontrol does not apply to this sd15 model; its baseline is ip-adapter"),
+    (["--method", "ip-adapter", "--start", "0.3"], "--start is Conceptrol's warm-up"),
+    (["--judge-url", "http://127.0.0.1:9/v1", "--judge-runs", "0"], "--judge-runs must be from 1 to 20"),
+    (["--judge-model", "gpt-4o"], "pass --judge-url too"),
+    (["--judge-url", "ftp://judge"], "--judge-url must be an http(s) address"),
+    (["--judge-url", "http://127.0.0.1:9/v1"], "the judge at http://127.0.0.1:9/v1 is unreachable"),
+    (["--clip-model", "openai/clip-vit-base-patch32"], "--no-score skips scoring"),
+    (["--condition-size", "256"], "--condition-size applies to FLUX"),
+    (["--concept-layer", "up_blocks.9.attn2"], "concept layer 'up_blocks.9.attn2' is not a cross-attention layer"),
+    (["--device", "gpu"], "did you mean 'cuda'?"),
+])
+def test_evaluate_checks_every_setting_before_generating(tmp_path, capsys, args, message):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path)), *TINY, "--no-score", *args,
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not list((tmp_path / "run").glob("generations*"))  # refused before any image was made
+
+
+def test_scoring_models_that_cannot_be_loaded_fail_before_generating(tmp_path, capsys):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path)), *TINY, "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1  # conftest sets HF_HUB_OFFLINE: the default CLIP is not in the cache
+    assert "openai/clip-vit-base-patch32" in err[0] and "--clip-model DIR" in err[0] and "--no-score" in err[0]
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path)), *TINY, "--clip-model", "./my-clip",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and "--clip-model ./my-clip: no such folder" in err[0] and "--no-score" in err[0]
+    assert not list((tmp_path / "run").glob("generations*"))
+
+
+def test_duplicate_values_run_once_with_a_warning(tmp_path, capsys):
+    code, out, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY,
+                              "--method", "conceptrol", "--method", "conceptrol", "--scale", "1", "--scale", "1.0",
+                              "--seeds", "0", "0", "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0 and "1 generated" in out and "1 jobs in all" in out
+    assert any(line.startswith("conceptrol: warning: --method conceptrol given more than once") for line in err)
+
+
+def test_a_run_in_which_every_job_fails_exits_non_zero(tmp_path, capsys):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a cat on a sofa",))), *TINY,
+                            "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 2 and "every one of the 2 jobs failed" in err[-1] and "'dog' not found" in err[-1]
+
+
+def test_progress_is_plain_lines_in_a_log_and_no_per_image_bars(tmp_path):
+    result = run_cli("evaluate", "--benchmark", str(manifest(tmp_path, ("a dog on the moon", "a dog in a cafe"))),
+                     *TINY, "--no-score", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "conceptrol: generate: 4 jobs to do"
+    assert lines[-1].startswith("conceptrol: generate 4/4 jobs (100%), ") and "left" in lines[-1]
+    assert all(line.startswith("conceptrol: generate") for line in lines)  # no per-image bars, no library noise
+
+
+def test_report_of_a_missing_folder_or_a_file_creates_nothing(tmp_path, capsys):
+    for target in (tmp_path / "nothing-here", tmp_path / "a-file"):
+        if target.name == "a-file":
+            target.write_text("x")
+        code = main(["report", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "is not a run folder" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_report_of_a_moved_and_damaged_run_counts_what_it_skips(tmp_path, capsys):
+    dreambench_plus(tmp_path / "bench", {("object", "00"): "red backpack\na backpack on the moon\na backpack in a cafe\n",
+                                         ("object", "01"): "blue backpack\na backpack on a boat\n"})
+    code, _, err = evaluate(capsys, "--benchmark", "bench", *TINY, "--method", "conceptrol", "--no-score",
+                            "--out", "run-here")  # relative paths, as users type them
+    assert code == 0, err
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move("run-here", moved)
+    images = sorted(moved.glob("images/**/*.png"))
+    images[0].unlink()
+    images[1].write_bytes(images[1].read_bytes()[:40])
+    with (moved / "generations.rank0.jsonl").open("a") as f:
+        f.write('{"key": "cut off by a kil\n')
+    os.chdir(tmp_path / "elsewhere")  # report from another folder than evaluate ran in
+    code = main(["report", str(moved)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "1 record lines could not be read" in out and "2 image files are missing or damaged" in out
+    assert "no scores yet" in out and "--no-score" in out
+    table = out[out.index("method"):]
+    assert table.splitlines()[2].split()[:5] == ["conceptrol", "1", "3", "0", "0"]  # images, failed, scored
+    page = (moved / "report.html").read_text()
+    assert page.count("<i>missing</i>") == 2 and page.count("<img") == 3 + 1  # 3 references, 1 readable output
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
 def test_evaluate_with_an_unknown_method_is_one_line(tmp_path):
-    Image.new("RGB", (16, 16), "red").save(tmp_path / "dog.png")
-    (tmp_path / "set.jsonl").write_text(json.dumps({"image": "dog.png", "prompt": "a dog", "concept": "dog"}))
-    result = run_cli("evaluate", "--benchmark", str(tmp_path / "set.jsonl"), "--method", "dreambooth",
+    result = run_cli("evaluate", "--benchmark", str(manifest(tmp_path)), "--method", "dreambooth",
                      "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "unknown method" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_two_processes_under_torchrun_give_the_same_records_as_one(tmp_path):
-    import shutil
-    import subprocess
-    import sys
-
     Image.new("RGB", (16, 16), "red").save(tmp_path / "dog.png")
     rows = [{"id": f"d{i}", "image": "dog.png", "prompt": "a dog on the moon", "concept": "dog"} for i in range(3)]
     (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    common = ["evaluate", "--benchmark", str(tmp_path / "set.jsonl"), "--model", "tiny", "--steps", "2",
-              "--size", "32x32", "--no-score"]
+    common = ["evaluate", "--benchmark", str(tmp_path / "set.jsonl"), *TINY, "--no-score"]
     assert run_cli(*common, "--out", str(tmp_path / "one")).returncode == 0
-    torchrun = shutil.which("torchrun", path=str(__import__("pathlib").Path(sys.executable).parent))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "conceptrol.cli", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]

@@ -2,39 +2,62 @@
 
 import json
 import multiprocessing
+import time
+from collections import Counter
 
 import pytest
 from PIL import Image
 
 from conceptrol import ConceptrolError
-from conceptrol.eval.benchmark import load_benchmark
+from conceptrol.eval.benchmark import describe, load_benchmark
 from conceptrol.eval.records import RecordStore, shard
 
 
 def dreambench_plus(root, captions):
+    """A DreamBench++ release in its real layout: images/<category>/<nn>.jpg and captions/<category>/<nn>.txt,
+    the live subjects one level deeper (live_subject/animal, live_subject/human)."""
     for (category, index), text in captions.items():
         (root / "images" / category).mkdir(parents=True, exist_ok=True)
         (root / "captions" / category).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8)).save(root / "images" / category / f"{index}.jpg")
+        Image.new("RGB", (8, 8), (len(category) * 9, int(index) * 20, 50)).save(root / "images" / category / f"{index}.jpg")
         (root / "captions" / category / f"{index}.txt").write_text(text)
     return root
 
 
-def test_dreambench_plus_layout_gives_one_case_per_prompt(tmp_path):
-    root = dreambench_plus(tmp_path, {("animal", "0"): "corgi dog\na dog on the moon\na dog in a cafe\n",
-                                      ("object", "3"): "red backpack\na backpack on a rock\n"})
-    cases = load_benchmark(root)
-    assert [c.case_id for c in cases] == ["animal/0/0", "animal/0/1", "object/3/0"]
-    assert cases[0].concept == "dog" and cases[0].subject == "corgi dog" and cases[0].category == "animal"
-    assert cases[2].prompt == "a backpack on a rock" and cases[2].image.name == "3.jpg"
+RELEASE = {
+    ("live_subject/animal", "00"): "kitten\na kitten in the snow\na kitten on a skateboard\n",
+    ("live_subject/animal", "01"): "corgi dog\na dog on the moon\n",
+    ("live_subject/human", "00"): "young woman\na woman reading in a cafe\n",
+    ("object", "00"): "red backpack\na backpack on a rock\na backpack in the jungle\n",
+    ("style", "00"): "ink painting\na painting of a castle\n",
+}
+
+
+def test_dreambench_plus_finds_live_subjects_one_level_deeper_and_keeps_their_category(tmp_path):
+    cases = load_benchmark(dreambench_plus(tmp_path, RELEASE))
+    assert [c.case_id for c in cases] == [
+        "live_subject/animal/00/0", "live_subject/animal/00/1", "live_subject/animal/01/0",
+        "live_subject/human/00/0", "object/00/0", "object/00/1", "style/00/0"]
+    assert Counter(c.category for c in cases) == {"live_subject/animal": 3, "live_subject/human": 1, "object": 2,
+                                                  "style": 1}
+    dog = cases[2]
+    assert (dog.concept, dog.subject, dog.prompt) == ("dog", "corgi dog", "a dog on the moon")
+    assert dog.image == (tmp_path / "images" / "live_subject" / "animal" / "01.jpg").resolve()
+    assert describe(cases) == "7 cases: live_subject/animal 3, live_subject/human 1, object 2, style 1"
+
+
+def test_dreambench_plus_one_case_per_prompt_with_the_last_subject_word_as_concept(tmp_path):
+    root = dreambench_plus(tmp_path, {("object", "03"): "red backpack\na backpack on a rock\n"})
+    (case,) = load_benchmark(root)
+    assert (case.case_id, case.concept, case.category, case.image.name) == ("object/03/0", "backpack", "object", "03.jpg")
 
 
 def test_empty_captions_and_missing_images_are_clear_errors(tmp_path):
-    root = dreambench_plus(tmp_path / "a", {("animal", "0"): "dog\n"})
+    root = dreambench_plus(tmp_path / "a", {("live_subject/animal", "00"): "dog\n"})
     with pytest.raises(ConceptrolError, match="at least one prompt"):
         load_benchmark(root)
-    root = dreambench_plus(tmp_path / "b", {("animal", "0"): "dog\na dog\n"})
-    (root / "images" / "animal" / "0.jpg").unlink()
+    root = dreambench_plus(tmp_path / "b", {("live_subject/animal", "00"): "dog\na dog\n"})
+    (root / "images" / "live_subject" / "animal" / "00.jpg").unlink()
     with pytest.raises(ConceptrolError, match="no reference image"):
         load_benchmark(root)
 
@@ -67,22 +90,64 @@ def test_manifest_errors_name_the_row(tmp_path):
 def _write_forever(path):
     store = RecordStore(path)
     for i in range(10**9):
-        store.append({"case_id": f"case{i}", "payload": "x" * 1000})
+        store.append({"key": f"case{i}", "payload": "x" * 1000})
 
 
 def test_records_survive_a_kill_and_resume_skips_finished_cases(tmp_path):
     path = tmp_path / "records.jsonl"
     process = multiprocessing.get_context("fork").Process(target=_write_forever, args=(path,))
     process.start()
-    while not path.exists() or path.stat().st_size < 200_000:
-        pass
+    deadline = time.monotonic() + 60
+    while (not path.exists() or path.stat().st_size < 200_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
     process.kill()
     process.join()
+    assert path.stat().st_size >= 200_000, "the writer did not get going within a minute"
     store = RecordStore(path)
-    done = {record["case_id"] for record in store.read()}
+    done = {record["key"] for record in store.read()}
     assert done and done == {f"case{i}" for i in range(len(done))}  # every finished case kept, in order
-    store.append({"case_id": "next"})
-    assert {record["case_id"] for record in store.read()} == done | {"next"}  # a cut-off last line does not swallow the next record
+    store.append({"key": "next"})
+    assert {record["key"] for record in store.read()} == done | {"next"}  # a cut-off last line does not swallow the next record
+
+
+def test_damaged_lines_are_counted_and_skipped(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"key": "a"}\nnot json\n[1, 2]\n{"no key": 1}\n\n{"key": "b"}\n{"key": "c", "cut')
+    records, malformed = RecordStore(path).read_counting()
+    assert [r["key"] for r in records] == ["a", "b"] and malformed == 4
+
+
+def write_manifest(folder, rows):
+    (folder / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "set.jsonl"
+
+
+def test_manifest_rows_without_ids_are_keyed_by_their_content(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "dog.png")
+    rows = [{"image": "dog.png", "prompt": "a dog on the moon", "concept": "dog"},
+            {"image": "dog.png", "prompt": "a dog in a cafe", "concept": "dog"}]
+    first = [c.case_id for c in load_benchmark(write_manifest(tmp_path, rows))]
+    assert len(set(first)) == 2 and all(i.startswith("dog-") for i in first)
+    assert [c.case_id for c in load_benchmark(write_manifest(tmp_path, rows[::-1]))] == first[::-1]  # order is no key
+    edited = [rows[0] | {"prompt": "a dog on the sun"}, rows[1]]
+    second = [c.case_id for c in load_benchmark(write_manifest(tmp_path, edited))]
+    assert second[0] != first[0] and second[1] == first[1]  # an edited row is a new case; the other keeps its id
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "dog.png")  # a new picture under the same name
+    assert not set(c.case_id for c in load_benchmark(write_manifest(tmp_path, rows))) & set(first)
+
+
+def test_repeated_rows_and_empty_benchmarks_are_refused(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog.png")
+    row = {"image": "dog.png", "prompt": "a dog on the moon", "concept": "dog"}
+    with pytest.raises(ConceptrolError, match="repeated rows or ids"):
+        load_benchmark(write_manifest(tmp_path, [row, row]))
+    with pytest.raises(ConceptrolError, match="has no cases"):
+        load_benchmark(write_manifest(tmp_path, []))
+    (tmp_path / "captions").mkdir()
+    with pytest.raises(ConceptrolError, match="no caption files"):
+        load_benchmark(tmp_path)
+    with pytest.raises(ConceptrolError, match="does not exist"):
+        load_benchmark(tmp_path / "nowhere")
 
 
 def test_shards_are_disjoint_and_cover_every_case():

@@ -1,10 +1,18 @@
-"""Conceptrol (He & Yao, arXiv 2503.06568): let a personalization adapter act only where the prompt puts the subject."""
+"""Conceptrol (He & Yao, arXiv 2503.06568): let a personalization adapter act only where the prompt puts the subject.
 
-from .concepts import Concept, find_concept_span
-from .config import CONCEPT_LAYERS, ConceptrolConfig
-from .errors import ConceptNotFoundError, ConceptrolError
-from .install import ConceptrolHandle, apply_conceptrol
-from .state import ConceptMasks
+The public names load on first use, so `import conceptrol` (and the command line's `--help`) stays
+quick; `apply_conceptrol` and the handles bring in torch and diffusers when first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
+from .quiet import silence_torchvision_fallback
+
+silence_torchvision_fallback()
 
 __all__ = [
     "CONCEPT_LAYERS",
@@ -14,7 +22,36 @@ __all__ = [
     "ConceptrolConfig",
     "ConceptrolError",
     "ConceptrolHandle",
+    "ConceptrolWarning",
     "apply_conceptrol",
     "find_concept_span",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY = {  # public name -> the module that defines it
+    "CONCEPT_LAYERS": ".config",
+    "ConceptrolConfig": ".config",
+    "Concept": ".concepts",
+    "find_concept_span": ".concepts",
+    "ConceptrolHandle": ".install",
+    "apply_conceptrol": ".install",
+    "ConceptMasks": ".state",
+}
+
+if TYPE_CHECKING:
+    from .concepts import Concept, find_concept_span
+    from .config import CONCEPT_LAYERS, ConceptrolConfig
+    from .install import ConceptrolHandle, apply_conceptrol
+    from .state import ConceptMasks
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'conceptrol' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

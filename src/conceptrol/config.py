@@ -45,18 +45,12 @@ class ConceptrolConfig:
                 f"unknown architecture {self.architecture!r}; use one of {sorted(CONCEPT_LAYERS)} "
                 "or leave it None to detect it"
             )
-        for name in ("start", "end"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-                raise ConceptrolError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
-        if self.start >= self.end:
-            raise ConceptrolError(
-                f"start ({self.start}) must be smaller than end ({self.end}): the adapter would never act"
-            )
+        check_window(self.start, self.end)
         if self.scale is not None and (
-            not isinstance(self.scale, (int, float)) or math.isnan(self.scale) or self.scale < 0
+            isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))
+            or not math.isfinite(self.scale) or self.scale < 0
         ):
-            raise ConceptrolError(f"scale must be a number >= 0, got {self.scale!r}")
+            raise ConceptrolError(f"scale must be a finite number >= 0, got {self.scale!r}")
         if self.concept_layer is not None:
             object.__setattr__(self, "concept_layer", normalize_layer_name(self.concept_layer))
 
@@ -64,6 +58,15 @@ class ConceptrolConfig:
         """This config with the architecture (and its preset concept layer, unless one is set) filled in."""
         layer = self.concept_layer or CONCEPT_LAYERS[architecture]
         return replace(self, architecture=self.architecture or architecture, concept_layer=layer)
+
+
+def check_window(start: float, end: float) -> None:
+    """start and end are fractions of the steps with start < end (else the adapter would never act)."""
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+            raise ConceptrolError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+    if start >= end:
+        raise ConceptrolError(f"start ({start}) must be smaller than end ({end}): the adapter would never act")
 
 
 def normalize_layer_name(name: str) -> str:

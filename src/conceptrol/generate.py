@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,65 +14,22 @@ from PIL import Image
 from .concepts import Concept
 from .config import ConceptrolConfig
 from .errors import ConceptrolError
-from .images import load_reference_image
 from .flux_handle import is_flux_pipeline
+from .images import load_reference_image
 from .install import apply_conceptrol, detect_architecture
+from .outputs import free_suffix, safe_name, with_suffix, write_new_png, write_new_text
+from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource
 
-NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
-# The paper's demo settings (ALGORITHM.md): scale, warm-up start, steps, classifier-free guidance.
-PAPER_DEMO = {
-    "sd15": dict(scale=1.5, start=0.2, steps=50, guidance=7.5),
-    "sdxl": dict(scale=1.0, start=0.2, steps=50, guidance=6.0),
-    # FLUX: the library's defaults (c = 1, window [0, 1]); 8 steps as OminiControl runs FLUX.1-schnell.
-    "flux": dict(scale=1.0, start=0.0, steps=8, guidance=3.5),
-}
-
-
-@dataclass(frozen=True)
-class GenerateSettings:
-    """What `conceptrol generate` does; None fields take the paper's demo value for the architecture."""
-
-    prompt: str
-    concept: tuple[str | Concept, ...]  # one concept per reference image (a word, or a Concept for a repeat)
-    image: tuple[Path, ...]  # reference image files
-    model: str = "sd15"  # preset (sd15, sdxl, flux, flux-dev), hub id or local folder
-    adapter: str | None = None  # adapter variant (loading.ADAPTERS); None = plus (IP-Adapter) or subject (FLUX)
-    adapter_repo: str | None = None  # hub id or local copy of h94/IP-Adapter or Yuanshi/OminiControl
-    masking: str = "global"  # global, local, or none (vanilla IP-Adapter / plain OminiControl)
-    concept_layer: str | None = None  # None = the architecture's preset layer (block for FLUX)
-    scale: float | None = None
-    start: float | None = None
-    end: float = 1.0
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str = NEGATIVE_PROMPT
-    seed: int = 0
-    size: tuple[int, int] | None = None  # (width, height); None = the model's default (512x512 for FLUX)
-    condition_size: int = 512  # FLUX only: the reference's square size (the LoRA's resolution)
-    num_images: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    out: Path = Path("outputs")
-    save_masks: bool = False
-
-    def __post_init__(self) -> None:
-        if len(self.concept) != len(self.image):
-            raise ConceptrolError(
-                f"got {len(self.concept)} concept(s) for {len(self.image)} reference image(s); "
-                "pass one --concept per --image, in the same order"
-            )
-        if self.steps is not None and self.steps < 1:
-            raise ConceptrolError(f"steps must be at least 1, got {self.steps}")
-        if self.num_images < 1:
-            raise ConceptrolError(f"num_images must be at least 1, got {self.num_images}")
-        if self.size is not None and any(s < 8 or s % 8 for s in self.size):
-            raise ConceptrolError(f"size must be WIDTHxHEIGHT in multiples of 8, got {self.size}")
+__all__ = ["NEGATIVE_PROMPT", "PAPER_DEMO", "GenerateResult", "GenerateSettings", "ModelSource", "generate",
+           "pipeline_for", "run_conceptrol", "safe_name"]
+FLUX_CONDITION_SIZE = 512  # the subject_512 LoRA's resolution
 
 
 @dataclass
 class GenerateResult:
     images: list[Image.Image]
     masks: Any  # ConceptMasks of the call, or None with masking none
+    parameters: dict[str, Any] = field(default_factory=dict)  # every setting the call ran with, defaults filled in
     files: list[Path] = field(default_factory=list)
 
 
@@ -89,15 +46,30 @@ def prepare_output_dir(out: Path) -> Path:
 
 
 def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
-    """Generate with Conceptrol and save images (and mask overlays) into `settings.out`."""
+    """Generate with Conceptrol and save images (and mask overlays) into `settings.out`, never over earlier files.
+
+    Every check that needs no model weights (output folder, reference files, device, concepts in the
+    prompt, adapter and layer names, options that do not apply) runs before the pipeline loads.
+    """
+    from .loading import pick_device
+    from .preflight import check_adapter_source, check_settings, info_from_pipeline, info_from_source
+
     out = prepare_output_dir(settings.out)
     references = [load_reference_image(path) for path in settings.image]
-    result = run_conceptrol(pipe if pipe is not None else pipeline_for(settings), settings, references)
+    if pipe is None:
+        pick_device(settings.device)
+        info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
+        check_settings(settings, info)
+        check_adapter_source(info.architecture, settings.adapter, settings.adapter_repo)
+        pipe = pipeline_for(settings)
+    else:
+        check_settings(settings, info_from_pipeline(pipe), check_adapter=False)
+    result = run_conceptrol(pipe, settings, references)
     result.files = save_result(result, settings, out)
     return result
 
 
-def pipeline_for(settings: GenerateSettings, flags: dict[str, str] | None = None) -> Any:
+def pipeline_for(settings: ModelSource | GenerateSettings, flags: dict[str, str] | None = None) -> Any:
     """The pipeline and adapter the settings name, on their device and dtype (`flags`: see load_pipeline)."""
     from .loading import load_pipeline, pick_device, pick_dtype
 
@@ -113,29 +85,58 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
     `on_step(done, total)` is called after every denoising step (for progress bars).
     """
     flux = is_flux_pipeline(pipe)
-    demo = PAPER_DEMO["flux" if flux else detect_architecture(pipe.unet)]
-    start = demo["start"] if settings.start is None else settings.start
-    config = ConceptrolConfig(masking=settings.masking, start=start, end=settings.end,
-                              concept_layer=settings.concept_layer,
-                              scale=demo["scale"] if settings.scale is None else settings.scale)
-    common = dict(num_inference_steps=settings.steps or demo["steps"], num_images_per_prompt=settings.num_images,
-                  guidance_scale=demo["guidance"] if settings.guidance is None else settings.guidance,
-                  generator=torch.Generator("cpu").manual_seed(settings.seed))
+    architecture = "flux" if flux else detect_architecture(pipe.unet)
+    values = resolved_values(settings, architecture)
+    config = ConceptrolConfig(masking=settings.masking, start=values["start"], end=settings.end,
+                              concept_layer=settings.concept_layer, scale=values["scale"])
+    common = dict(num_inference_steps=values["steps"], num_images_per_prompt=settings.num_images,
+                  guidance_scale=values["guidance"], generator=torch.Generator("cpu").manual_seed(settings.seed))
     if on_step is not None:
-        common["callback_on_step_end"] = _step_reporter(on_step, common["num_inference_steps"])
+        common["callback_on_step_end"] = _step_reporter(on_step, values["steps"])
     handle = apply_conceptrol(pipe, config)
     try:
         if flux:
             width, height = settings.size or (512, 512)
             output = handle(settings.prompt, concepts=list(settings.concept), image=references[0], width=width,
-                            height=height, condition_size=settings.condition_size, **common)
+                            height=height, condition_size=values["condition_size"], **common)
         else:
             width, height = settings.size or (None, None)
             output = handle(prompt=settings.prompt, concepts=list(settings.concept), ip_adapter_image=[references],
-                            negative_prompt=settings.negative_prompt, width=width, height=height, **common)
+                            negative_prompt=values["negative_prompt"], width=width, height=height, **common)
     finally:
         handle.remove()
-    return GenerateResult(images=list(output.images), masks=handle.masks)
+    images = list(output.images)
+    values |= {"concept_layer": handle.config.concept_layer, "size": f"{images[0].width}x{images[0].height}"}
+    return GenerateResult(images=images, masks=handle.masks, parameters=_parameters(settings, values))
+
+
+def resolved_values(settings: GenerateSettings, architecture: str) -> dict[str, Any]:
+    """The settings that default per architecture (the paper's demo values), filled in."""
+    demo = PAPER_DEMO[architecture]
+    flux = architecture == "flux"
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return {"architecture": architecture, "scale": pick(settings.scale, demo["scale"]),
+            "start": pick(settings.start, demo["start"]), "steps": pick(settings.steps, demo["steps"]),
+            "guidance": pick(settings.guidance, demo["guidance"]),
+            "negative_prompt": None if flux else pick(settings.negative_prompt, NEGATIVE_PROMPT),
+            "condition_size": pick(settings.condition_size, FLUX_CONDITION_SIZE) if flux else None}
+
+
+def _parameters(settings: GenerateSettings, values: dict[str, Any]) -> dict[str, Any]:
+    """What a result file records about how it was made (PNG text chunk and sidecar JSON)."""
+    import diffusers
+
+    from . import __version__
+
+    concepts = [concept.text if isinstance(concept, Concept) else concept for concept in settings.concept]
+    occurrences = [concept.occurrence if isinstance(concept, Concept) else 0 for concept in settings.concept]
+    parameters = {"prompt": settings.prompt, "concepts": [str(c) for c in concepts], "model": settings.model,
+                  "adapter": settings.adapter, "masking": settings.masking, "end": settings.end, "seed": settings.seed,
+                  "references": [str(Path(p).expanduser().resolve()) for p in settings.image],
+                  "dtype": settings.dtype, "conceptrol": __version__, "diffusers": diffusers.__version__}
+    if any(occurrences):
+        parameters["occurrences"] = occurrences
+    return parameters | {key: value for key, value in values.items() if value is not None}
 
 
 def _step_reporter(on_step: Callable[[int, int], None], total: int) -> Callable[..., dict]:
@@ -149,24 +150,28 @@ def _step_reporter(on_step: Callable[[int, int], None], total: int) -> Callable[
 
 
 def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -> list[Path]:
-    """Write images (and overlays) under `out` only; names are built from safe characters."""
-    files = []
-    for index, image in enumerate(result.images):
+    """Write images, mask overlays and a sidecar JSON per image under `out`, never over an existing file.
+
+    A second run into the same folder gets the next free suffix ('-2', '-3', ...) for all its files.
+    """
+    planned = []  # (file name, image or None for the sidecar, image index)
+    for index, _ in enumerate(result.images):
         stem = f"{settings.masking}-seed{settings.seed}-{index}"
-        files.append(_save(image, out, f"{stem}.png"))
+        planned += [(f"{stem}.png", "image", index), (f"{stem}.json", "sidecar", index)]
         if settings.save_masks and result.masks is not None:
-            for j, concept in enumerate(settings.concept):
-                overlay = result.masks.overlay(image, sample=index, concept=j)
-                files.append(_save(overlay, out, f"{stem}-mask{j}-{safe_name(getattr(concept, 'text', concept))}.png"))
+            planned += [(f"{stem}-mask{j}-{safe_name(str(label))}.png", ("mask", j), index)
+                        for j, label in enumerate(result.parameters.get("concepts", settings.concept))]
+    suffix = free_suffix(out, [name for name, _, _ in planned])
+    files = []
+    for name, kind, index in planned:
+        path = out / with_suffix(name, suffix)
+        if kind == "image":
+            files.append(write_new_png(result.images[index], path, result.parameters))
+        elif kind == "sidecar":
+            siblings = [with_suffix(n, suffix) for n, k, i in planned if i == index and k != "sidecar"]
+            record = result.parameters | {"image_index": index, "files": siblings}
+            files.append(write_new_text(json.dumps(record, indent=2, sort_keys=True) + "\n", path))
+        else:
+            overlay = result.masks.overlay(result.images[index], sample=index, concept=kind[1])
+            files.append(write_new_png(overlay, path, result.parameters | {"mask_of": result.parameters["concepts"][kind[1]]}))
     return files
-
-
-def safe_name(text: str) -> str:
-    """A file-name fragment of letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
-
-
-def _save(image: Image.Image, out: Path, name: str) -> Path:
-    path = out / name
-    image.save(path)
-    return path

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConceptrolError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_PIXELS = 50_000_000  # a reference image is resized to ~224 px anyway; refuse absurd files early
+# Longest side over shortest side. Image encoders resize the short side to ~224 px, so a 10000x1 strip
+# would become a 2,240,000x224 image (gigabytes) before its centre is cropped.
+MAX_ASPECT = 8.0
 
 
 def load_reference_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -25,6 +31,7 @@ def load_reference_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Imag
                     f"reference image {path} is {image.width}x{image.height} pixels, more than the "
                     f"{max_pixels:,} pixel limit; downscale it first"
                 )
+            _check_aspect(path, image.width, image.height)
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
@@ -33,6 +40,14 @@ def load_reference_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Imag
         raise ConceptrolError(
             f"cannot read reference image {path} ({error}); pass an intact PNG, JPEG or WebP file"
         ) from None
+
+
+def _check_aspect(path: Path, width: int, height: int) -> None:
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ConceptrolError(
+            f"reference image {path} is {width}x{height} pixels, more than {MAX_ASPECT:g} times as wide as high "
+            f"(or high as wide); crop it to the subject first"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConceptrolError
+from .settings import check_device_name, check_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_PRESETS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -50,25 +54,79 @@ ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
 }
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_local(text: str) -> bool:
+    """A path rather than a hub id: starts with '.', '/' or '~', uses backslashes, or has more than one '/'."""
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+
+
+def resolve_model(model: str, flag: str = "--model") -> str:
+    """The hub id or local folder that `model` names; a mistake is found here, without touching the hub."""
+    if model in MODEL_PRESETS:
+        return MODEL_PRESETS[model]
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ConceptrolError(f"{flag} {model}: {path} is not a diffusers pipeline folder (it has no model_index.json); "
+                                  f"pass the folder that `hf download <model> --local-dir DIR` wrote")
+        return str(path)
+    if looks_local(model):
+        raise ConceptrolError(f"{flag} {model}: no such folder")
+    if "/" not in model or not HUB_ID.fullmatch(model):
+        close = difflib.get_close_matches(model.lower(), list(MODEL_PRESETS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"use a preset ({', '.join(MODEL_PRESETS)}), a hub id (owner/name) or a folder"
+        raise ConceptrolError(f"{flag} {model!r} is not a preset, a hub id or an existing folder; {hint}")
+    return model
+
+
+def resolve_repo(repo: str, flag: str = "--adapter-repo", example: str = "h94/IP-Adapter") -> str:
+    """The hub id or local folder of a repository (an adapter's, a scoring model's), checked without the hub."""
+    path = Path(repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConceptrolError(f"{flag} {repo}: {path} is a file; pass the folder holding the repository")
+        return str(path)
+    if looks_local(repo) or "/" not in repo or not HUB_ID.fullmatch(repo):
+        raise ConceptrolError(f"{flag} {repo}: no such folder (hub ids look like owner/name, e.g. {example})")
+    return repo
+
+
 def pick_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The torch device `device` names, checked to exist on this machine."""
+    import torch
+
+    check_device_name(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    chosen = torch.device(device)
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}[chosen.type]
+    if not available():
+        hint = ("this torch is a CPU-only build or no NVIDIA GPU is visible; install the CUDA build of torch "
+                "(see the README) or pass --device cpu") if chosen.type == "cuda" else "pass --device cpu or auto"
+        raise ConceptrolError(f"device {device!r} is not available here (torch {torch.__version__}): {hint}")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ConceptrolError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return chosen
 
 
 def pick_dtype(dtype: str, device: torch.device, model: str = "sd15") -> torch.dtype:
+    import torch
+
+    check_dtype(dtype)
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
         return torch.bfloat16 if guess_architecture(model) == "flux" else torch.float16  # FLUX runs in bf16
-    choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in choices:
-        raise ConceptrolError(f"dtype must be one of auto, {', '.join(choices)}; got {dtype!r}")
-    return choices[dtype]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
 def guess_architecture(model: str) -> str:
@@ -91,18 +149,19 @@ def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, dev
     flags = flags or {}
     from diffusers import AutoPipelineForText2Image
 
-    source = MODEL_PRESETS.get(model, model)
+    source = resolve_model(model, flags.get("model", "--model"))
     pipe = _fetch("the model", source, flags.get("model", "--model"),
                   lambda: AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype))
     architecture = pipeline_architecture(pipe)
     weights = adapter_weights(architecture, adapter or DEFAULT_ADAPTERS[architecture])
-    repo = adapter_repo or ADAPTER_REPOS[architecture]
+    flag = flags.get(architecture, "--adapter-repo")
+    repo = resolve_repo(adapter_repo, flag) if adapter_repo else ADAPTER_REPOS[architecture]
     if architecture == "flux":
         load = lambda: pipe.load_lora_weights(repo, weight_name=weights.weight_name, adapter_name="subject")  # noqa: E731
     else:
         load = lambda: pipe.load_ip_adapter(repo, subfolder=weights.subfolder, weight_name=weights.weight_name,  # noqa: E731
                                             image_encoder_folder=weights.image_encoder)
-    _fetch(f"adapter {weights.weight_name}", repo, flags.get(architecture, "--adapter-repo"), load)
+    _fetch(f"adapter {weights.weight_name}", repo, flag, load)
     return pipe.to(device)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from .generate import GenerateSettings, generate, prepare_output_dir
+from .outputs import free_suffix, with_suffix, write_new_png, write_new_text
 
 DEMO_PROMPT = "a photo of a dog surfing a wave"
 NOTE = """This folder was written by `conceptrol demo{model_flag}`.
@@ -17,12 +17,11 @@ The model is {model_text}, built in code with RANDOM weights. Nothing was downlo
 pictures are noise-like: the demo shows that the whole path runs (concept located in the prompt, mask
 read at the concept layer, adapter masked, images and mask overlays written), not image quality.
 
-  reference.png                    the reference image given to the adapter
-  global-seed{seed}-0.png              Conceptrol
-  global-seed{seed}-0-mask0-dog.png    where the concept 'dog' was found, over the Conceptrol image
-  none-seed{seed}-0.png                the plain adapter baseline ({baseline})
+{files}
 
 Prompt: "{prompt}"; {steps} steps; {width}x{height} pixels (non-square on purpose).
+Each PNG carries its settings in a text chunk, and each image has a .json file beside it.
+Running the demo again into this folder adds files with a -2, -3, ... suffix; nothing is overwritten.
 For real images, use `conceptrol generate` with real weights (see the README).
 """
 
@@ -46,26 +45,30 @@ MODELS = {
 
 
 def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd15") -> list[Path]:
-    """Generate with and without Conceptrol on a tiny random pipeline; returns the files written."""
+    """Generate with and without Conceptrol on a tiny random pipeline; returns the files written (none overwritten)."""
     out = prepare_output_dir(out)
-    reference = out / "reference.png"
-    reference_picture().save(reference)
+    suffix = free_suffix(out, ["reference.png", "NOTE.txt"])
+    reference = write_new_png(reference_picture(), out / with_suffix("reference.png", suffix))
     width, height = 96, 64
     settings = GenerateSettings(
         prompt=DEMO_PROMPT, concept=("dog",), image=(reference,), steps=steps, seed=seed, size=(width, height),
-        scale=1.0, start=0.2, out=out, save_masks=True, device="cpu", dtype="fp32", condition_size=32,
+        scale=1.0, start=0.2, out=out, save_masks=True, device="cpu", dtype="fp32", model=f"tiny-{model}",
+        condition_size=32 if model == "flux" else None,
         concept_layer="transformer_blocks.1" if model == "flux" else None,  # the tiny FLUX has 2 double blocks
     )
     pipe = tiny_pipeline(model, seed)
-    files = [reference, *generate(settings, pipe).files]
-    baseline = replace(settings, masking="none", start=0.0, save_masks=False)
-    files += generate(replace(baseline, scale=0.6) if model == "sd15" else baseline, pipe).files
-    note = out / "NOTE.txt"
+    ours = generate(settings, pipe).files
+    baseline = settings.replace(masking="none", start=0.0, save_masks=False)
+    theirs = generate(baseline.replace(scale=0.6) if model == "sd15" else baseline, pipe).files
     model_text, baseline_text = MODELS[model]
-    note.write_text(NOTE.format(seed=seed, prompt=DEMO_PROMPT, steps=steps, width=width, height=height,
-                                model_text=model_text, baseline=baseline_text,
-                                model_flag="" if model == "sd15" else f" --model {model}"), encoding="utf-8")
-    return [*files, note]
+    listing = [(reference, "the reference image given to the adapter"), (ours[0], "Conceptrol"),
+               *[(path, "where the concept 'dog' was found, over the Conceptrol image") for path in ours[2:]],
+               (theirs[0], f"the plain adapter baseline ({baseline_text})")]
+    files = "\n".join(f"  {path.name:<36} {text}" for path, text in listing)
+    note = write_new_text(NOTE.format(prompt=DEMO_PROMPT, steps=steps, width=width, height=height, files=files,
+                                      model_text=model_text, model_flag="" if model == "sd15" else f" --model {model}"),
+                          out / with_suffix("NOTE.txt", suffix))
+    return [reference, *ours, *theirs, note]
 
 
 def tiny_pipeline(model: str = "sd15", seed: int = 0):

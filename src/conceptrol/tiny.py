@@ -256,3 +256,20 @@ def tiny_flux_pipeline(seed: int = 0, t5_tok=None, with_lora: bool = True):
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_text_encoder(clip, seed + 5),
                         tokenizer=clip, text_encoder_2=t5, tokenizer_2=t5_tok,
                         transformer=flux_transformer(seed, with_lora))
+
+
+def save_tiny_sd15(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny SD 1.5 model folder and a tiny copy of h94/IP-Adapter's layout, as `hf download` would leave them.
+
+    Returns (model folder, adapter repo folder): `conceptrol generate --model MODEL --adapter-repo ADAPTERS`
+    then runs the same loading path as the real weights, offline.
+    """
+    folder = Path(folder)
+    model, adapters = folder / "sd15", folder / "ip-adapter"
+    pipe = tiny_sd15_pipeline(seed=seed)
+    pipe.register_modules(image_encoder=None)  # as the real SD 1.5: the encoder comes with the adapter
+    pipe.save_pretrained(model)
+    (adapters / "models").mkdir(parents=True, exist_ok=True)
+    save_file(ip_adapter_state_dict(pipe.unet, "plus", seed), str(adapters / "models" / "ip-adapter-plus_sd15.safetensors"))
+    _image_encoder(seed + 3).save_pretrained(adapters / "models" / "image_encoder")
+    return model, adapters

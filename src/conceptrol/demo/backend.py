@@ -17,6 +17,7 @@ from ..errors import ConceptrolError
 from ..generate import PAPER_DEMO, GenerateSettings, run_conceptrol
 from ..images import load_reference_image
 from ..loading import guess_architecture
+from ..settings import ModelSource
 
 Progress = Callable[[float, str], None]  # (fraction done, what is running)
 # `conceptrol ui` options that point at local copies, named in "could not load" messages.
@@ -170,6 +171,6 @@ class LocalBackend:
             return tiny_pipeline(choice.architecture)
         from ..generate import pipeline_for
 
-        settings = GenerateSettings(prompt="", concept=(), image=(), model=choice.key, device=self.device,
-                                    dtype=self.dtype, adapter_repo=self.adapter_repos.get(choice.architecture))
-        return pipeline_for(settings, flags=UI_FLAGS)
+        source = ModelSource(model=choice.key, device=self.device, dtype=self.dtype,
+                             adapter_repo=self.adapter_repos.get(choice.architecture))
+        return pipeline_for(source, flags=UI_FLAGS)

@@ -1,14 +1,18 @@
-"""Benchmark cases: the DreamBench++ release layout, or a simple JSONL/CSV manifest."""
+"""Benchmark cases: the DreamBench++ release layout, the original DreamBench, or a simple JSONL/CSV manifest."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ConceptrolError
+from ..outputs import safe_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -24,36 +28,81 @@ class Case:
     category: str = ""
     subject: str = ""
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what the picture depends on (prompt, concept, the reference's bytes): a changed case is redone."""
+        text = "\0".join((self.prompt, self.concept, file_digest(self.image)))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes ('' if it cannot be read: the case then fails when its image is loaded)."""
+    try:
+        status = Path(path).stat()
+    except OSError:
+        return ""
+    return _digest(str(path), status.st_mtime_ns, status.st_size)
+
+
+@lru_cache(maxsize=4096)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    """Cached per path, modification time and size: a rewritten file is read again."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
 
 def load_benchmark(path: str | Path) -> list[Case]:
-    """Cases from a DreamBench++ checkout (folder with images/ and captions/) or a .jsonl/.csv manifest."""
+    """Cases from a DreamBench++ checkout (images/, captions/), a DreamBench folder, or a .jsonl/.csv manifest."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise ConceptrolError(f"benchmark {path} does not exist")
     if path.is_dir() and (path / "captions").is_dir():
-        return load_dreambench_plus(path)
-    if path.is_dir() and (path / "prompts_and_classes.txt").is_file():
-        return load_dreambench(path)
-    if path.is_file() and path.suffix in (".jsonl", ".csv"):
-        return load_manifest(path)
-    raise ConceptrolError(
-        f"{path} is neither a DreamBench++ folder (images/, captions/), a DreamBench folder "
-        "(prompts_and_classes.txt and one folder per subject) nor a .jsonl/.csv manifest"
-    )
+        cases = load_dreambench_plus(path)
+    elif path.is_dir() and (path / "prompts_and_classes.txt").is_file():
+        cases = load_dreambench(path)
+    elif path.is_file() and path.suffix in (".jsonl", ".csv"):
+        cases = load_manifest(path)
+    else:
+        raise ConceptrolError(
+            f"{path} is neither a DreamBench++ folder (images/, captions/), a DreamBench folder "
+            "(prompts_and_classes.txt and one folder per subject) nor a .jsonl/.csv manifest"
+        )
+    if not cases:
+        raise ConceptrolError(f"benchmark {path} has no cases")
+    return cases
+
+
+def describe(cases: list[Case]) -> str:
+    """'1350 cases: live_subject/animal 405, live_subject/human 180, object 585, style 180' (categories when known)."""
+    counts = Counter(case.category for case in cases)
+    if set(counts) == {""}:
+        return f"{len(cases)} cases"
+    return f"{len(cases)} cases: " + ", ".join(f"{category or '(none)'} {n}" for category, n in counts.items())
 
 
 def load_dreambench_plus(root: Path) -> list[Case]:
-    """DreamBench++: images/<category>/<n>.jpg and captions/<category>/<n>.txt (subject name, then prompts)."""
+    """DreamBench++: captions/<category>/<n>.txt (subject name, then prompts) beside images/<category>/<n>.jpg.
+
+    Categories nest (live_subject/animal, live_subject/human, object, style), so files are found at any depth
+    and the category is the caption file's folder relative to captions/.
+    """
+    captions = root / "captions"
     cases = []
-    for caption_file in sorted((root / "captions").glob("*/*.txt")):
-        category, index = caption_file.parent.name, caption_file.stem
+    for caption_file in sorted(captions.rglob("*.txt")):
+        category = caption_file.parent.relative_to(captions).as_posix()
+        index = caption_file.stem
         lines = [line.strip() for line in caption_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(lines) < 2:
             raise ConceptrolError(f"{caption_file} needs the subject name on its first line and at least one prompt")
         image = _find_image(root / "images" / category, index)
         subject = lines[0]
+        prefix = f"{category}/{index}" if category != "." else index
         for number, prompt in enumerate(lines[1:]):
-            cases.append(Case(f"{category}/{index}/{number}", image, prompt, _concept_word(subject), category, subject))
+            cases.append(Case(f"{prefix}/{number}", image, prompt, _concept_word(subject), category, subject))
     if not cases:
-        raise ConceptrolError(f"no caption files found under {root / 'captions'}")
+        raise ConceptrolError(f"no caption files found under {captions}")
     return cases
 
 
@@ -81,36 +130,51 @@ def load_dreambench(root: Path) -> list[Case]:
         kind = "live" if noun in LIVE_CLASSES else "object"
         for number, template in enumerate(templates[kind]):
             prompt = re.sub(r"\s+", " ", template.replace("{0} {1}", noun).replace("{0}", "").replace("{1}", noun)).strip()
-            cases.append(Case(f"{subject}/{number}", images[0], prompt, noun, kind, subject))
+            cases.append(Case(f"{subject}/{number}", images[0].resolve(), prompt, noun, kind, subject))
     return cases
 
 
 def load_manifest(path: Path) -> list[Case]:
-    """Rows with image, prompt, concept (and optional id, category); image paths relative to the manifest."""
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+    """Rows with image, prompt, concept (and optional id, category); image paths relative to the manifest.
+
+    A row without an id is keyed by its content (image file, prompt, concept), so editing a manifest never
+    makes one row's results stand for another's.
+    """
+    rows = _manifest_rows(path)
     cases = []
     for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConceptrolError(f"{path} row {number + 1} is not an object with image, prompt and concept")
         missing = [key for key in ("image", "prompt", "concept") if not str(row.get(key) or "").strip()]
         if missing:
             raise ConceptrolError(f"{path} row {number + 1} lacks {', '.join(missing)}; each row needs image, prompt and concept")
-        image = (path.parent / row["image"]).resolve()
+        image = (path.parent / str(row["image"])).resolve()
         if not image.is_file():
             raise ConceptrolError(f"{path} row {number + 1}: image {image} does not exist")
-        case_id = str(row.get("id") or f"row{number}")
-        cases.append(Case(case_id, image, row["prompt"], row["concept"], row.get("category", ""), row.get("concept", "")))
-    if len({c.case_id for c in cases}) != len(cases):
-        raise ConceptrolError(f"{path} has repeated ids; every row needs its own id")
+        case = Case("", image, str(row["prompt"]), str(row["concept"]), str(row.get("category") or ""), str(row["concept"]))
+        case_id = str(row.get("id") or "").strip() or f"{safe_name(image.stem)}-{case.fingerprint[:10]}"
+        cases.append(Case(case_id, case.image, case.prompt, case.concept, case.category, case.subject))
+    repeated = [case_id for case_id, count in Counter(c.case_id for c in cases).items() if count > 1]
+    if repeated:
+        raise ConceptrolError(f"{path} has repeated rows or ids ({', '.join(repeated[:3])}); every row needs its own "
+                              "id, or its own image, prompt and concept")
     return cases
+
+
+def _manifest_rows(path: Path) -> list:
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (ValueError, csv.Error) as error:
+        raise ConceptrolError(f"cannot read manifest {path}: {error}") from None
 
 
 def _find_image(folder: Path, index: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         if (folder / f"{index}{suffix}").is_file():
-            return folder / f"{index}{suffix}"
+            return (folder / f"{index}{suffix}").resolve()
     raise ConceptrolError(f"no reference image {folder / index}.* for its caption file")
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import statistics
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -44,9 +45,41 @@ class JudgeConfig:
     runs: int = 3  # independent judgements averaged per case
     timeout: float = 120.0
 
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConceptrolError(f"--judge-url must be an http(s) address such as https://api.openai.com/v1, "
+                                  f"got {self.base_url!r}")
+        if not self.model.strip():
+            raise ConceptrolError("--judge-model must name the judge's model, e.g. gpt-4o")
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or not 1 <= self.runs <= 20:
+            raise ConceptrolError(f"--judge-runs must be from 1 to 20 judgements per image, got {self.runs!r}")
+        if not self.timeout > 0:
+            raise ConceptrolError(f"the judge timeout must be positive, got {self.timeout!r}")
+
     @property
     def api_key(self) -> str | None:
         return os.environ.get("CONCEPTROL_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+def check_judge(config: JudgeConfig) -> None:
+    """One cheap request (GET <base>/models) before any image is made: an unreachable judge or a refused key fails now.
+
+    Endpoints that do not list models (404, 405, 501) pass: only reachability and authentication are checked.
+    """
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    url = config.base_url.rstrip("/") + "/models"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=min(config.timeout, 15)):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            raise ConceptrolError(f"the judge at {config.base_url} refused the API key (HTTP {error.code}); set "
+                                  "CONCEPTROL_JUDGE_API_KEY or OPENAI_API_KEY to a key it accepts") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConceptrolError(f"the judge at {config.base_url} is unreachable ({reason}); check --judge-url, "
+                              "or leave it out to skip judging") from None
 
 
 def judge_case(config: JudgeConfig, reference: Image.Image, image: Image.Image, prompt: str, concept: str) -> dict:

@@ -19,15 +19,25 @@ class RecordStore:
 
     def read(self) -> list[dict]:
         """All complete records; a last line cut off by a kill is ignored (its case runs again)."""
+        return self.read_counting()[0]
+
+    def read_counting(self) -> tuple[list[dict], int]:
+        """(complete records, number of lines that are not a JSON object: cut off by a kill, or damaged)."""
         if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+            return [], 0
+        records, malformed = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
                 continue
-        return records
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("key"), str):
+                records.append(record)
+            else:
+                malformed += 1
+        return records, malformed
 
     def append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:

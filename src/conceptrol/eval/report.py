@@ -1,4 +1,8 @@
-"""`conceptrol report`: a table per method and setting, and a self-contained HTML page with the images."""
+"""`conceptrol report`: a table per method and setting, and a self-contained HTML page with the images.
+
+A run may have been moved, interrupted, or damaged: missing or unreadable images and malformed record
+lines are counted and skipped, never a traceback, and nothing is created unless the run folder exists.
+"""
 
 from __future__ import annotations
 
@@ -7,120 +11,214 @@ import html
 import io
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ..errors import ConceptrolError
-from .runner import read_all
+from .records import RecordStore
+from .runs import read_run_file
 
 METRICS = ("clip_t", "clip_i", "dino")
 JUDGE = ("cp", "pf", "cp_pf")
+COUNTS = ("images", "failed", "scored")
 
 
-def summarize(out: Path) -> list[dict]:
-    """Mean of every metric per (method, scale), over all scored cases and seeds."""
-    generations = {r["key"]: r for r in read_all(out, "generations")}
-    if not generations:
+@dataclass
+class RunData:
+    """What a run folder holds: its settings and the current record of every job."""
+
+    out: Path
+    settings: dict | None  # run.json, or None for runs made before it existed
+    generations: dict[str, dict]  # key -> the job's current generation record
+    scores: dict[str, dict]  # key -> a valid score of the current picture
+    judgements: dict[str, dict]  # key -> a valid verdict on the current picture
+    malformed: int = 0  # record lines that could not be read
+    unreadable: set[str] = field(default_factory=set)  # image files missing or damaged
+
+
+def load_run(out: Path) -> RunData:
+    """Read a run folder without writing anything; a folder that is not a run is an error that says so."""
+    from .runner import latest
+
+    out = Path(out).expanduser()
+    if not out.is_dir():
+        raise ConceptrolError(f"{out} is not a run folder (it {'is a file' if out.exists() else 'does not exist'}); "
+                              "pass the --out of a `conceptrol evaluate` run")
+    malformed, read = 0, {}
+    for name in ("generations", "scores", "judgements"):
+        records = []
+        for path in sorted(out.glob(f"{name}.rank*.jsonl")):
+            good, bad = RecordStore(path).read_counting()
+            records += good
+            malformed += bad
+        read[name] = latest(records)
+    if not read["generations"]:
         raise ConceptrolError(f"{out} holds no generation records; run `conceptrol evaluate --out {out}` first")
+    current = read["generations"]
+
+    def valid(entries: dict[str, dict]) -> dict[str, dict]:
+        return {key: entry for key, entry in entries.items() if entry.get("status", "ok") == "ok" and key in current
+                and current[key].get("status") == "ok" and entry.get("generation_id") == current[key].get("generation_id")}
+
+    return RunData(out, read_run_file(out) if (out / "run.json").exists() else None, current,
+                   valid(read["scores"]), valid(read["judgements"]), malformed)
+
+
+def summarize(run: Path | RunData) -> list[dict]:
+    """Per (method, scale): images made, jobs failed, images scored, and the mean of every metric."""
+    data = run if isinstance(run, RunData) else load_run(run)
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
-    verdicts: dict[tuple[str, float], list[dict]] = defaultdict(list)
-    for name, target in (("scores", groups), ("judgements", verdicts)):
-        for entry in read_all(out, name):
-            record = generations.get(entry["key"])
-            if record is not None:
-                target[(record["method"], record["scale"])].append(entry)
+    for record in data.generations.values():
+        groups[(record["method"], record["scale"])].append(record)
     rows = []
-    for group in sorted(set(groups) | set(verdicts)):
-        scores, judged = groups.get(group, []), verdicts.get(group, [])
-        row = {"method": group[0], "scale": group[1], "n": max(len(scores), len(judged))}
+    for (method, scale), records in sorted(groups.items()):
+        ok = [r["key"] for r in records if r.get("status") == "ok"]
+        scores = [data.scores[k] for k in ok if k in data.scores]
+        judged = [data.judgements[k] for k in ok if k in data.judgements]
+        row = {"method": method, "scale": scale, "images": len(ok), "failed": len(records) - len(ok),
+               "scored": len(scores)}
         row |= {m: statistics.fmean(s[m] for s in scores) for m in METRICS if scores}
         if judged:  # CP·PF is the product of the two means, as DreamBench++ reports it
-            row |= {"cp": statistics.fmean(j["cp"] for j in judged), "pf": statistics.fmean(j["pf"] for j in judged)}
+            row |= {"judged": len(judged), "cp": statistics.fmean(j["cp"] for j in judged),
+                    "pf": statistics.fmean(j["pf"] for j in judged)}
             row["cp_pf"] = row["cp"] * row["pf"]
         rows.append(row)
-    errors = sum(r["status"] == "error" for r in generations.values())
-    if errors:
-        rows.append({"method": f"({errors} jobs failed; see generations.rank*.jsonl)", "scale": float("nan"), "n": 0})
     return rows
 
 
+def notes(data: RunData, rows: list[dict]) -> list[str]:
+    """What the reader of the table must know: failures, missing scores, damaged files."""
+    lines = []
+    failed = sum(row["failed"] for row in rows)
+    if failed:
+        lines.append(f"{failed} jobs failed; their errors are in {data.out}/generations.rank*.jsonl")
+    if not any(row["scored"] for row in rows):
+        lines.append("no scores yet: the run was made with --no-score (or scoring has not run); run the same "
+                     "`conceptrol evaluate` command without --no-score to score it")
+    elif any(row["scored"] < row["images"] for row in rows):
+        lines.append("some images are not scored yet; run the same `conceptrol evaluate` command to finish")
+    if data.malformed:
+        lines.append(f"{data.malformed} record lines could not be read and were skipped")
+    if data.unreadable:
+        lines.append(f"{len(data.unreadable)} image files are missing or damaged and were left out of the pictures")
+    if data.settings is None:
+        lines.append("this run has no run.json (made by conceptrol < 0.2): its settings are unknown")
+    return lines
+
+
+def report(run: Path) -> list[str]:
+    """The lines `conceptrol report` prints; writes report.html, the plots and grid.png into the run folder."""
+    data = load_run(run)
+    rows = summarize(data)
+    lines = [*settings_lines(data.settings), format_table(rows)]
+    try:
+        plots = write_plots(data, rows)
+    except ImportError:
+        plots = []
+        lines.append("plots skipped: they need matplotlib (pip install 'conceptrol[eval]')")
+    page = write_html(data, rows, plots)
+    lines += notes(data, rows)
+    return [*lines, f"wrote {', '.join(str(p) for p in [page, *plots])}"]
+
+
+def settings_lines(settings: dict | None) -> list[str]:
+    if not settings:
+        return []
+    values = ", ".join(f"{key} {value}" for key, value in settings["settings"].items())
+    return [f"settings: {values}", f"made with conceptrol {settings.get('conceptrol')}, diffusers "
+            f"{settings.get('diffusers')}, from {settings.get('benchmark')}, started {settings.get('created')}"]
+
+
 def columns(rows: list[dict]) -> tuple[str, ...]:
-    """The metric columns present: judge columns only when a judge ran."""
-    return METRICS + (JUDGE if any("cp" in row for row in rows) else ())
+    """The counts, the metric columns when anything was scored, and the judge columns when a judge ran."""
+    metrics = METRICS if any(row["scored"] for row in rows) else ()
+    return COUNTS + metrics + (("judged",) + JUDGE if any("cp" in row for row in rows) else ())
 
 
 def format_table(rows: list[dict]) -> str:
     names = columns(rows)
-    header = f"{'method':<14} {'scale':>6} {'n':>5} " + " ".join(f"{m:>7}" for m in names)
+    header = f"{'method':<14} {'scale':>6} " + " ".join(f"{m:>7}" for m in names)
     lines = [header, "-" * len(header)]
     for row in rows:
-        values = " ".join(f"{row[m]:7.4f}" if m in row else f"{'':>7}" for m in names)
-        lines.append(f"{row['method']:<14} {row['scale']:>6g} {row['n']:>5} {values}")
+        values = " ".join(_text(row.get(m), m) for m in names)
+        lines.append(f"{row['method']:<14} {row['scale']:>6g} {values}")
     return "\n".join(lines)
 
 
-def write_plots(out: Path, rows: list[dict]) -> list[Path]:
-    """metrics.png (CLIP-T, CLIP-I, DINO per method and scale) and, with a judge, cp_pf.png (CP vs PF)."""
-    try:
-        import matplotlib
+def _text(value: object, name: str) -> str:
+    if value is None:
+        return f"{'':>7}"
+    return f"{value:7d}" if isinstance(value, int) else f"{value:7.4f}"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConceptrolError("plots need matplotlib: pip install 'conceptrol[eval]'") from None
-    rows = [row for row in rows if "clip_t" in row or "cp" in row]
-    if not rows:
-        return []
-    labels = [f"{row['method']} {row['scale']:g}" for row in rows]
+
+def write_plots(run: Path | RunData, rows: list[dict]) -> list[Path]:
+    """metrics.png (CLIP-T, CLIP-I, DINO per method and scale), with a judge cp_pf.png, and grid.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = run if isinstance(run, RunData) else load_run(run)
     paths = []
-    figure, axis = plt.subplots(figsize=(1.5 + 1.2 * len(rows), 3.5))
-    for offset, metric in enumerate(METRICS):
-        axis.bar([i + 0.25 * offset for i in range(len(rows))], [row.get(metric, 0) for row in rows], 0.25, label=metric)
-    axis.set_xticks([i + 0.25 for i in range(len(rows))], labels, rotation=20, ha="right")
-    axis.set_ylabel("cosine similarity")
-    axis.set_ylim(0, 1.15)
-    axis.legend(ncol=3, loc="upper center", frameon=False)
-    figure.tight_layout()
-    paths.append(out / "metrics.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    scored = [row for row in rows if "clip_t" in row]
+    if scored:
+        figure, axis = plt.subplots(figsize=(1.5 + 1.2 * len(scored), 3.5))
+        for offset, metric in enumerate(METRICS):
+            axis.bar([i + 0.25 * offset for i in range(len(scored))], [row[metric] for row in scored], 0.25, label=metric)
+        axis.set_xticks([i + 0.25 for i in range(len(scored))], [_label(r) for r in scored], rotation=20, ha="right")
+        axis.set(ylabel="cosine similarity", ylim=(0, 1.15))
+        axis.legend(ncol=3, loc="upper center", frameon=False)
+        paths.append(_save_figure(plt, figure, data.out / "metrics.png"))
     judged = [row for row in rows if "cp" in row]
     if judged:
         figure, axis = plt.subplots(figsize=(4.5, 4.5))
         markers = {method: marker for method, marker in zip(sorted({r["method"] for r in judged}), "os^Dv")}
         for row in judged:
-            axis.scatter(row["cp"], row["pf"], s=60, marker=markers[row["method"]], label=f"{row['method']} {row['scale']:g}")
+            axis.scatter(row["cp"], row["pf"], s=60, marker=markers[row["method"]], label=_label(row))
         axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="concept preservation (CP)", ylabel="prompt following (PF)")
         axis.legend(fontsize=8, loc="lower left")
-        figure.tight_layout()
-        paths.append(out / "cp_pf.png")
-        figure.savefig(paths[-1], dpi=120)
-        plt.close(figure)
-    grid = write_grid(out)
+        paths.append(_save_figure(plt, figure, data.out / "cp_pf.png"))
+    grid = write_grid(data)
     return paths + ([grid] if grid else [])
 
 
-def write_html(out: Path, rows: list[dict], plots: list[Path] = (), max_cases: int = 12) -> Path:
-    """report.html: the table, the plots and a grid of reference -> output per method and scale, all embedded."""
-    settings, by_case = _outputs_by_case(out)
-    names = ("method", "scale", "n", *columns(rows))
+def _label(row: dict) -> str:
+    return f"{row['method']} {row['scale']:g}"
+
+
+def _save_figure(plt: object, figure: object, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), max_cases: int = 12) -> Path:
+    """report.html: settings, the table, notes, the plots and a grid of reference -> outputs, all embedded."""
+    data = run if isinstance(run, RunData) else load_run(run)
+    settings, by_case = _outputs_by_case(data)
+    names = ("method", "scale", *columns(rows))
     table = "".join("<tr>" + "".join(f"<td>{_cell(row.get(k, ''), k)}</td>" for k in names) + "</tr>" for row in rows)
     grid = []
-    for case_id, cells in by_case[:max_cases]:
+    for _, cells in by_case[:max_cases]:
         first = next(iter(cells.values()))
-        images = [_img(Path(first["reference"]))] + [_img(out / cells[c]["image"]) if c in cells else "" for c in settings]
+        images = [_img(data, Path(first["reference"]))] + [
+            _img(data, data.out / cells[c]["image"]) if c in cells else "" for c in settings]
         grid.append(f"<tr><td>{html.escape(first['prompt'])}<br><i>{html.escape(first['concept'])}</i></td>"
                     + "".join(f"<td>{i}</td>" for i in images) + "</tr>")
     head = "".join(f"<th>{html.escape(m)} {s:g}</th>" for m, s in settings)
+    described = "".join(f"<li>{html.escape(line)}</li>" for line in settings_lines(data.settings) + notes(data, rows))
     page = (
         "<!doctype html><meta charset=utf-8><title>conceptrol report</title>"
         "<style>body{font-family:sans-serif}td,th{padding:4px;border:1px solid #ccc}td img{width:160px}</style>"
-        f"<h1>{html.escape(out.name)}</h1><table><tr>" + "".join(f"<th>{n}</th>" for n in names) + f"</tr>{table}</table>"
-        + "".join(_img(plot, 900) for plot in plots if plot.name != "grid.png")
+        f"<h1>{html.escape(data.out.name)}</h1><ul>{described}</ul><table><tr>"
+        + "".join(f"<th>{n}</th>" for n in names) + f"</tr>{table}</table>"
+        + "".join(_img(data, plot, 900) for plot in plots if plot.name != "grid.png")
         + f"<h2>Reference &rarr; outputs</h2><table><tr><th>prompt</th><th>reference</th>{head}</tr>{''.join(grid)}</table>"
     )
-    path = out / "report.html"
+    path = data.out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
 
@@ -131,11 +229,12 @@ def _cell(value: object, column: str) -> str:
     return html.escape(str(value))
 
 
-def write_grid(out: Path, max_cases: int = 8, cell: int = 128) -> Path | None:
-    """grid.png: one row per case, the reference then the output of each method and scale."""
+def write_grid(run: Path | RunData, max_cases: int = 8, cell: int = 128) -> Path | None:
+    """grid.png: one row per case, the reference then the output of each method and scale (gaps where unreadable)."""
     from PIL import ImageDraw
 
-    settings, by_case = _outputs_by_case(out)
+    data = run if isinstance(run, RunData) else load_run(run)
+    settings, by_case = _outputs_by_case(data)
     cases = by_case[:max_cases]
     if not cases:
         return None
@@ -146,26 +245,39 @@ def write_grid(out: Path, max_cases: int = 8, cell: int = 128) -> Path | None:
         draw.text((column * cell + 4, 4), title, fill="black")
     for row, (_, cells) in enumerate(cases):
         first = next(iter(cells.values()))
-        paths = [Path(first["reference"])] + [out / cells[c]["image"] if c in cells else None for c in settings]
+        paths = [Path(first["reference"])] + [data.out / cells[c]["image"] if c in cells else None for c in settings]
         for column, path in enumerate(paths):
-            if path is not None:
-                grid.paste(Image.open(path).convert("RGB").resize((cell, cell)), (column * cell, header + row * cell))
-    path = out / "grid.png"
+            image = _open(data, path) if path is not None else None
+            if image is not None:
+                grid.paste(image.resize((cell, cell)), (column * cell, header + row * cell))
+    path = data.out / "grid.png"
     grid.save(path)
     return path
 
 
-def _outputs_by_case(out: Path) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
+def _outputs_by_case(data: RunData) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
     """The (method, scale) settings generated, and each case's record per setting, sorted by case id."""
-    generations = [r for r in read_all(out, "generations") if r["status"] == "ok"]
+    generations = [r for r in data.generations.values() if r.get("status") == "ok"]
     by_case: dict[str, dict] = defaultdict(dict)
     for record in generations:
         by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
     return sorted({(r["method"], r["scale"]) for r in generations}), sorted(by_case.items())
 
 
-def _img(path: Path, size: int = 256) -> str:
-    image = Image.open(path).convert("RGB")
+def _open(data: RunData, path: Path) -> Image.Image | None:
+    """The image at `path` as RGB, or None (counted in data.unreadable) when it is missing or damaged."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        data.unreadable.add(str(path))
+        return None
+
+
+def _img(data: RunData, path: Path, size: int = 256) -> str:
+    image = _open(data, path)
+    if image is None:
+        return "<i>missing</i>"
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -1,0 +1,254 @@
+"""`conceptrol evaluate` as a library function: settings checked once up front, then the resumable passes.
+
+Everything that can be checked without model weights is checked before the pipeline loads: the
+benchmark, every argument, the model's configs and tokenizer (each case's concept is located), the
+adapter, the run folder's stored settings (run.json), the scoring backbones and the judge.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
+from ..settings import GenerateSettings, check_number, check_seed
+from .benchmark import Case, describe, load_benchmark
+from .runs import check_run_file, run_identity
+
+CLIP_ID = "openai/clip-vit-base-patch32"
+DINO_ID = "facebook/dino-vits16"
+JUDGE_MODEL = "gpt-4o"
+JUDGE_RUNS = 3
+SCALE = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What `conceptrol evaluate` runs; field names are the command's flags. None = the default named beside it."""
+
+    benchmark: Path  # DreamBench++ folder, DreamBench folder, or a .jsonl/.csv manifest
+    out: Path  # the run folder: records, images, run.json
+    method: tuple[str, ...] = ("ip-adapter", "conceptrol")  # ip-adapter, ominicontrol (baselines), conceptrol
+    scale: tuple[float, ...] = (SCALE,)
+    seeds: tuple[int, ...] = (0,)
+    model: str = "sd15"  # as for generate, or 'tiny' for an offline random model
+    adapter: str | None = None
+    adapter_repo: str | None = None
+    start: float | None = None  # Conceptrol's warm-up (None = 0.2 on SD, 0 on FLUX); baselines always start at 0
+    end: float = 1.0
+    steps: int | None = None
+    size: tuple[int, int] | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+    concept_layer: str | None = None
+    condition_size: int | None = None
+    limit: int | None = None  # only the first N cases
+    no_score: bool = False
+    clip_model: str | None = None  # None = openai/clip-vit-base-patch32
+    dino_model: str | None = None  # None = facebook/dino-vits16
+    judge_url: str | None = None
+    judge_model: str | None = None  # None = gpt-4o
+    judge_runs: int | None = None  # None = 3
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _unique("method", self.method))
+        object.__setattr__(self, "scale", _unique("scale", tuple(float(s) for s in self.scale)))
+        object.__setattr__(self, "seeds", _unique("seeds", self.seeds))
+        if not self.method:
+            raise ConceptrolError("pass at least one --method: ip-adapter, ominicontrol or conceptrol")
+        from .runner import METHODS
+
+        unknown = [m for m in self.method if m not in METHODS]
+        if unknown:
+            raise ConceptrolError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        for scale in self.scale:
+            check_number("scale", scale)
+        for seed in self.seeds:
+            check_seed(seed)
+        if self.limit is not None and self.limit < 1:
+            raise ConceptrolError(f"--limit must be at least 1 (the first N cases), got {self.limit}")
+        if self.start is not None and "conceptrol" not in self.method:
+            raise ConceptrolError("--start is Conceptrol's warm-up; the baselines always start at 0, so leave it out "
+                                  "or add --method conceptrol")
+        self._check_scoring()
+        self.template  # noqa: B018 (builds and so checks every generation setting)
+
+    def _check_scoring(self) -> None:
+        if self.no_score and (self.clip_model or self.dino_model):
+            raise ConceptrolError("--clip-model and --dino-model choose the scoring backbones; --no-score skips "
+                                  "scoring, so leave one or the other out")
+        if self.judge_url is None and (self.judge_model is not None or self.judge_runs is not None):
+            raise ConceptrolError("--judge-model and --judge-runs configure the judge; pass --judge-url too")
+        self.judge  # noqa: B018 (checks the judge settings)
+
+    @property
+    def template(self) -> GenerateSettings:
+        """The generation settings all jobs share; prompt, concept, image, method, scale and seed vary per job."""
+        return GenerateSettings(
+            prompt="(each case's prompt)", concept=("concept",), image=(Path("reference.png"),), model=self.model,
+            adapter=self.adapter, adapter_repo=self.adapter_repo, start=self.start, end=self.end, steps=self.steps,
+            size=self.size, guidance=self.guidance, negative_prompt=self.negative_prompt,
+            concept_layer=self.concept_layer, condition_size=self.condition_size, device=self.device,
+            dtype=self.dtype, out=self.out, scale=self.scale[0] if self.scale else None)
+
+    @property
+    def judge(self) -> Any:
+        if self.judge_url is None:
+            return None
+        from .judge import JudgeConfig
+
+        return JudgeConfig(self.judge_url, self.judge_model or JUDGE_MODEL,
+                           JUDGE_RUNS if self.judge_runs is None else self.judge_runs)
+
+
+@dataclass
+class EvaluateSummary:
+    rank: int
+    world_size: int
+    jobs: int  # jobs of the whole run (all ranks)
+    generated: int = 0  # made by this process now
+    failed: int = 0  # of those, failed
+    scored: int = 0
+    judged: int = 0
+    ok_in_run: int = 0  # jobs of the run whose current record is a success (any process, any time)
+    first_error: str = ""
+    out: Path = field(default_factory=Path)
+
+    def line(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: {self.generated} generated ({self.failed} failed), "
+                f"{self.scored} scored, {self.judged} judged; {self.jobs} jobs in all; results in {self.out}")
+
+
+def _unique(name: str, values: tuple) -> tuple:
+    unique = tuple(dict.fromkeys(values))
+    if len(unique) != len(values):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        warnings.warn(f"--{name} {', '.join(repeated)} given more than once; each runs once", ConceptrolWarning,
+                      stacklevel=3)
+    return unique
+
+
+def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print) -> EvaluateSummary:
+    """Check everything, then generate, score and judge this process's share of the jobs (resumable)."""
+    from ..generate import pipeline_for, prepare_output_dir
+    from .records import shard
+    from .runner import generate_pass, jobs, process_device, process_rank
+
+    cases = load_benchmark(settings.benchmark)[: settings.limit]
+    rank, world = process_rank()
+    if rank == 0:
+        echo(f"benchmark {settings.benchmark}: {describe(cases)}")
+    out = prepare_output_dir(settings.out)
+    device = process_device() if world > 1 and settings.device == "auto" else settings.device
+    base = settings.template.replace(device=device, out=out)
+    pipe, info = _model(settings, base)
+    _check_cases(settings, base, info, cases, echo if rank == 0 else lambda _: None)
+    check_run_file(out, run_identity(settings, base, info), settings.benchmark)
+    metrics = None if settings.no_score else _load_metrics(settings, device)
+    if settings.judge is not None:
+        from .judge import check_judge
+
+        check_judge(settings.judge)
+    pipe = pipe if pipe is not None else pipeline_for(base)
+    pipe.set_progress_bar_config(disable=True)
+    all_jobs = jobs(cases, settings.method, settings.scale, settings.seeds)
+    summary = EvaluateSummary(rank, world, len(all_jobs), out=out)
+    with _progress("generate", rank, world) as progress:
+        for record in generate_pass(pipe, all_jobs, out, base, rank, world, progress):
+            summary.generated += 1
+            if record["status"] == "error":
+                summary.failed += 1
+                summary.first_error = summary.first_error or record["error"]
+    _score_and_judge(settings, summary, metrics, rank, world)
+    _finish(summary, shard(all_jobs, rank, world), out)
+    return summary
+
+
+def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any]:
+    """(a pipeline if it is cheap to build now, else None; the model's ModelInfo), read without loading weights."""
+    from ..loading import pick_device
+    from ..preflight import check_adapter_source, info_from_pipeline, info_from_source
+    from .runner import METHOD_ARCHITECTURES
+
+    pick_device(base.device)
+    if settings.model == "tiny":
+        from ..offline_demo import tiny_pipeline
+
+        pipe = tiny_pipeline("sd15")
+        info = info_from_pipeline(pipe)
+    else:
+        pipe, info = None, info_from_source(settings.model, need_layers=settings.concept_layer is not None)
+        check_adapter_source(info.architecture, settings.adapter, settings.adapter_repo)
+    wrong = [m for m in settings.method if info.architecture not in METHOD_ARCHITECTURES[m]]
+    if wrong:
+        baseline = "ominicontrol" if info.architecture == "flux" else "ip-adapter"
+        raise ConceptrolError(f"--method {wrong[0]} does not apply to this {info.architecture} model; its baseline "
+                              f"is {baseline}")
+    return pipe, info
+
+
+def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, cases: list[Case],
+                 echo: Callable[[str], None]) -> None:
+    """Model options once; each case's concept located with the tokenizer (cases without it are counted, then fail)."""
+    from ..preflight import check_concepts, check_model_options
+
+    check_model_options(base, info, check_adapter=settings.model != "tiny")
+    missing = []
+    for case in cases:
+        try:
+            check_concepts(base.replace(prompt=case.prompt, concept=(case.concept,)), info)
+        except ConceptNotFoundError:
+            missing.append(case)
+    if missing:
+        echo(f"{len(missing)} of {len(cases)} cases do not have their concept in the prompt (e.g. {missing[0].case_id}: "
+             f"{missing[0].concept!r} in {missing[0].prompt!r}); they will be recorded as failed")
+
+
+def _load_metrics(settings: EvaluateSettings, device: str) -> Any:
+    """CLIP and DINO, loaded before any image is generated; one line saying what to pass when they cannot be."""
+    from ..loading import pick_device, resolve_repo
+    from ..preflight import ensure_available
+    from .metrics import MetricModels
+
+    clip, dino = settings.clip_model or CLIP_ID, settings.dino_model or DINO_ID
+    try:
+        for flag, name, repo in (("--clip-model", "CLIP", clip), ("--dino-model", "DINO", dino)):
+            ensure_available(resolve_repo(repo, flag, CLIP_ID), "config.json", flag, f"the {name} scoring model")
+        return MetricModels.load(clip, dino, str(pick_device(device)))
+    except (ConceptrolError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConceptrolError(f"{reason}; or pass --no-score to generate without scoring") from None
+
+
+def _progress(what: str, rank: int, world: int) -> Any:
+    from .progress import JobProgress
+
+    label = what if world == 1 else f"{what} (rank {rank}/{world})"
+    return JobProgress(label, interactive=None if rank == 0 else False)
+
+
+def _score_and_judge(settings: EvaluateSettings, summary: EvaluateSummary, metrics: Any, rank: int, world: int) -> None:
+    from .runner import judge_pass, score_pass
+
+    if metrics is not None:
+        with _progress("score", rank, world) as progress:
+            summary.scored = sum(1 for _ in score_pass(metrics, summary.out, rank, world, progress))
+    if settings.judge is not None:
+        with _progress("judge", rank, world) as progress:
+            summary.judged = sum(1 for _ in judge_pass(settings.judge, summary.out, rank, world, progress))
+
+
+def _finish(summary: EvaluateSummary, my_jobs: list, out: Path) -> None:
+    """Count this process's successes; a run in which every job failed is an error, not a result."""
+    from .runner import latest, read_all
+
+    current = latest(read_all(out, "generations"))
+    keys = {job.key for job in my_jobs}
+    summary.ok_in_run = sum(1 for key in keys if current.get(key, {}).get("status") == "ok")
+    if summary.ok_in_run == 0 and summary.generated:
+        raise ConceptrolError(f"every one of the {len(keys)} jobs failed (first error: {summary.first_error}); "
+                              f"see {out}/generations.rank*.jsonl")

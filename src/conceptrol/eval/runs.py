@@ -1,0 +1,104 @@
+"""run.json: the settings a run folder's pictures were made with, so a resume cannot mix in other settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConceptrolError, ConceptrolWarning
+
+RUN_FILE = "run.json"
+FORMAT = 1
+
+
+def run_identity(settings: Any, base: Any, info: Any) -> dict[str, Any]:
+    """Every setting that changes the pictures, with the architecture's defaults filled in.
+
+    Methods, scales and seeds are not here: they are part of each job's key, so a resume may add more.
+    Where the weights come from (--adapter-repo) and the device are not either: they do not change them.
+    """
+    from ..config import CONCEPT_LAYERS
+    from ..generate import resolved_values
+    from ..loading import DEFAULT_ADAPTERS, pick_device, pick_dtype, resolve_model
+
+    architecture = info.architecture
+    values = resolved_values(base, architecture)
+    dtype = pick_dtype(base.dtype, pick_device(base.device), base.model)
+    model = "tiny" if base.model == "tiny" else resolve_model(base.model)
+    if Path(model).expanduser().is_dir():
+        model = str(Path(model).expanduser().resolve())
+    return {
+        "model": model, "architecture": architecture, "adapter": base.adapter or DEFAULT_ADAPTERS[architecture],
+        "steps": values["steps"], "size": "x".join(map(str, base.size)) if base.size else "model default",
+        "start": values["start"], "end": base.end, "guidance": values["guidance"],
+        "negative_prompt": values["negative_prompt"], "condition_size": values["condition_size"],
+        "concept_layer": base.concept_layer or CONCEPT_LAYERS[architecture],
+        "dtype": {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(dtype).removeprefix("torch.")],
+    }
+
+
+def read_run_file(out: Path) -> dict[str, Any] | None:
+    """The stored run.json, or None if there is none; a damaged one is an error that says what to do."""
+    path = Path(out) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(stored.get("settings"), dict):
+            raise ValueError("no settings")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConceptrolError(f"{path} is damaged ({error}); restore it, or pass a new --out") from None
+    return stored
+
+
+def check_run_file(out: Path, identity: dict[str, Any], benchmark: Path) -> None:
+    """Write run.json for a new run folder; for an existing one, refuse settings that differ from the stored ones."""
+    from .. import __version__
+
+    stored = read_run_file(out)
+    if stored is None:
+        _write_once(Path(out) / RUN_FILE, {
+            "format": FORMAT, "settings": identity, "benchmark": str(Path(benchmark).expanduser().resolve()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "conceptrol": __version__, "diffusers": _diffusers(),
+        })
+        stored = read_run_file(out)  # another process may have written it first: compare with that one
+    differences = [f"{key} {stored['settings'].get(key)!r} there, {value!r} now" for key, value in identity.items()
+                   if stored["settings"].get(key) != value]
+    if differences:
+        raise ConceptrolError(f"{out} holds a run made with other settings ({'; '.join(differences)}); resume with "
+                              "the same settings, or pass a new --out")
+    if (stored.get("conceptrol"), stored.get("diffusers")) != (__version__, _diffusers()):
+        warnings.warn(f"{out} was started with conceptrol {stored.get('conceptrol')} and diffusers "
+                      f"{stored.get('diffusers')}; resuming with conceptrol {__version__} and diffusers {_diffusers()} "
+                      "may make pictures that differ slightly from the earlier ones", ConceptrolWarning, stacklevel=2)
+
+
+def _diffusers() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def _write_once(path: Path, data: dict[str, Any]) -> None:
+    """Write `path` complete or not at all, and never over a file another process wrote meanwhile."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".run-", suffix=".json.tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2, sort_keys=True)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)  # atomic, and fails if the file exists
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename is still atomic
+            if not path.exists():
+                os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""Checks that need a model's configs and tokenizer but not its weights, run before anything heavy loads.
+
+`conceptrol generate`, `evaluate` and the library's `generate()` find a concept missing from the prompt,
+an unknown adapter or layer, an option that does not apply to the model, or an unreachable hub here,
+in about a second, instead of after minutes of loading a U-Net or a FLUX transformer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .concepts import Concept, resolve_concepts
+from .config import CONCEPT_LAYERS, normalize_layer_name
+from .errors import ConceptrolError
+from .loading import ADAPTER_REPOS, DEFAULT_ADAPTERS, adapter_weights, resolve_repo, resolve_model
+from .settings import GenerateSettings, check_size
+
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length; concept spans must lie inside it
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the checks need to know about a model, read from its configs and tokenizer (or a loaded pipeline)."""
+
+    architecture: str  # sd15, sdxl or flux
+    tokenizer: Any  # the tokenizer whose positions concept spans count: CLIP (SD) or T5 (FLUX)
+    max_length: int  # that text encoder's token limit
+    layers: tuple[str, ...] | None = None  # layer (SD) or block (FLUX) names a concept layer may take; None = unknown
+    guidance_embeds: bool = False  # FLUX.1-dev takes a guidance value; FLUX.1-schnell does not
+    pixel_multiple: int = 8  # output sizes must be multiples of this
+
+
+def info_from_pipeline(pipe: Any) -> ModelInfo:
+    """The ModelInfo of a loaded pipeline (its adapter loaded)."""
+    from .install import detect_architecture
+
+    transformer = getattr(pipe, "transformer", None)
+    if hasattr(transformer, "single_transformer_blocks"):
+        from .backends.ominicontrol import block_names
+
+        return ModelInfo("flux", pipe.tokenizer_2, FLUX_MAX_SEQUENCE_LENGTH, tuple(block_names(transformer)),
+                         bool(transformer.config.get("guidance_embeds")), pipe.vae_scale_factor * 2)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ConceptrolError(f"{type(pipe).__name__} is not supported; use a Stable Diffusion 1.5, SDXL or FLUX pipeline")
+    layers = tuple(name.removesuffix(".processor") for name, p in unet.attn_processors.items() if hasattr(p, "to_k_ip"))
+    tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
+    return ModelInfo(detect_architecture(unet), tokenizer, tokenizer.model_max_length, layers, False, pipe.vae_scale_factor)
+
+
+def info_from_source(model: str, need_layers: bool = False, flag: str = "--model") -> ModelInfo:
+    """The ModelInfo of a preset, hub id or local folder, from its model_index.json, configs and tokenizer only."""
+    source = resolve_model(model, flag)
+    ensure_available(source, "model_index.json", flag, "the model")
+    index = _read_json(source, "model_index.json", flag)
+    name = str(index.get("_class_name", ""))
+    if "Flux" in name:
+        config = _read_json(source, "transformer/config.json", flag)
+        blocks = tuple(f"transformer_blocks.{i}" for i in range(config.get("num_layers", 19))) + tuple(
+            f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 38)))
+        tokenizer = _tokenizer(source, index, "tokenizer_2", flag)
+        return ModelInfo("flux", tokenizer, FLUX_MAX_SEQUENCE_LENGTH, blocks, bool(config.get("guidance_embeds")), 16)
+    if "unet" not in index:
+        raise ConceptrolError(f"{flag} {model}: {name or 'this pipeline'} is not supported; Conceptrol supports "
+                              "Stable Diffusion 1.5 and SDXL with an IP-Adapter, and FLUX.1 with OminiControl")
+    config = _read_json(source, "unet/config.json", flag)
+    architecture = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+    tokenizer = _tokenizer(source, index, "tokenizer", flag)
+    layers = _cross_attention_layers(config) if need_layers else None
+    return ModelInfo(architecture, tokenizer, tokenizer.model_max_length, layers)
+
+
+def check_settings(settings: GenerateSettings, info: ModelInfo, check_adapter: bool = True) -> None:
+    """Every check of `settings` against the model that needs no weights; raises ConceptrolError."""
+    check_model_options(settings, info, check_adapter)
+    check_concepts(settings, info)
+
+
+def check_model_options(settings: GenerateSettings, info: ModelInfo, check_adapter: bool = True) -> None:
+    """The adapter name, the concept layer, the size and the options that only some models take."""
+    flux = info.architecture == "flux"
+    if check_adapter:
+        adapter_weights(info.architecture, settings.adapter or DEFAULT_ADAPTERS[info.architecture])
+    _check_options(settings, flux, info)
+    check_size(settings.size, info.pixel_multiple)
+    if settings.concept_layer is not None and info.layers is not None:
+        check_layer(settings.concept_layer, info.layers, flux)
+
+
+def check_concepts(settings: GenerateSettings, info: ModelInfo) -> None:
+    """Each concept is found in the prompt's tokens with the model's own tokenizer (ConceptNotFoundError if not)."""
+    resolve_concepts(info.tokenizer, [settings.prompt], [_concept(c) for c in settings.concept], 1, info.max_length)
+
+
+def _check_options(settings: GenerateSettings, flux: bool, info: ModelInfo) -> None:
+    """Options that do not apply to this model are refused, not ignored."""
+    if flux:
+        if len(settings.image) != 1:
+            raise ConceptrolError(f"OminiControl (FLUX) takes one reference image, got {len(settings.image)}; "
+                                  "pass one --image and one --concept, or use an SD model for several subjects")
+        if settings.masking == "local":
+            raise ConceptrolError("FLUX has no local masking; use --masking global (Conceptrol) or none (OminiControl)")
+        if settings.negative_prompt is not None:
+            raise ConceptrolError("--negative-prompt applies to SD 1.5 / SDXL; OminiControl on FLUX takes none")
+        if settings.guidance is not None and not info.guidance_embeds:
+            raise ConceptrolError("--guidance applies to guidance-distilled models (SD, FLUX.1-dev); this FLUX model "
+                                  "(e.g. FLUX.1-schnell) ignores it, so leave it out")
+    elif settings.condition_size is not None:
+        raise ConceptrolError("--condition-size applies to FLUX (OminiControl's reference size); leave it out for SD")
+
+
+def check_layer(layer: str, layers: tuple[str, ...], flux: bool = False) -> None:
+    """`layer` must be one of the model's cross-attention layers (SD) or blocks (FLUX), with suggestions."""
+    layer = normalize_layer_name(layer)
+    if layer in layers:
+        return
+    close = difflib.get_close_matches(layer, layers, n=3, cutoff=0.6)
+    what = "block of this FLUX transformer" if flux else "cross-attention layer with an IP-Adapter in this U-Net"
+    example = CONCEPT_LAYERS["flux" if flux else "sd15"]
+    hint = f"did you mean one of {close}?" if close else f"names look like {example!r}"
+    raise ConceptrolError(f"concept layer {layer!r} is not a {what}; {hint}")
+
+
+def check_adapter_source(architecture: str, adapter: str | None, adapter_repo: str | None,
+                         flag: str = "--adapter-repo") -> None:
+    """The adapter's weights are in the local copy, the local cache, or on a reachable hub."""
+    weights = adapter_weights(architecture, adapter or DEFAULT_ADAPTERS[architecture])
+    repo = resolve_repo(adapter_repo, flag) if adapter_repo else ADAPTER_REPOS[architecture]
+    ensure_available(repo, str(Path(weights.subfolder) / weights.weight_name), flag, f"adapter {weights.weight_name}")
+
+
+def ensure_available(repo: str, filename: str, flag: str, what: str) -> None:
+    """`filename` is in a local folder, in the Hugging Face cache, or the hub answers for `repo` (one quick request).
+
+    Without this, an unreachable hub costs about a minute of retries inside from_pretrained.
+    """
+    local = Path(repo).expanduser()
+    if local.is_dir():
+        if not (local / filename).is_file():
+            raise ConceptrolError(f"could not load {what}: {local / filename} does not exist; pass as {flag} a folder "
+                                  "laid out as the hub repository is (`hf download REPO --local-dir DIR` makes one)")
+        return
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return
+    download = f"download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass {flag} DIR"
+    if constants.HF_HUB_OFFLINE:
+        raise ConceptrolError(f"could not load {what} from {repo!r}: it is not in the local cache and HF_HUB_OFFLINE "
+                              f"is set; {download}")
+    try:
+        model_info(repo, timeout=15)
+    except GatedRepoError:
+        raise ConceptrolError(f"{repo!r} is gated: accept its license on huggingface.co, log in with `hf auth login`, "
+                              f"and run again; or {download}") from None
+    except RepositoryNotFoundError:
+        raise ConceptrolError(f"{flag} {repo!r}: no such repository on the Hugging Face Hub; check the name") from None
+    except Exception as error:  # connection refused, DNS, timeouts, proxies: all mean "not reachable"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConceptrolError(f"could not load {what} from {repo!r}: the Hugging Face Hub at {constants.ENDPOINT} "
+                              f"is unreachable ({reason}); {download}") from None
+
+
+def _concept(value: Any) -> Any:
+    return value if isinstance(value, (Concept, slice, tuple)) else str(value)
+
+
+def _read_json(source: str, filename: str, flag: str) -> dict:
+    local = Path(source).expanduser()
+    try:
+        if local.is_dir():
+            path = local / filename
+        else:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, filename)
+            path = Path(cached if isinstance(cached, str) else hf_hub_download(source, filename))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConceptrolError(f"{flag} {source}: cannot read {filename} ({error}); pass a complete diffusers "
+                              "pipeline folder or hub id") from None
+
+
+def _tokenizer(source: str, index: dict, component: str, flag: str) -> Any:
+    """The tokenizer class model_index.json names for `component`, loaded from its subfolder (no model weights)."""
+    import transformers
+
+    entry = index.get(component) or [None, None]
+    cls = getattr(transformers, str(entry[1]), None) or transformers.AutoTokenizer
+    try:
+        try:  # the cache first: no request to the hub when the model is there already
+            return cls.from_pretrained(source, subfolder=component, local_files_only=True)
+        except OSError:
+            return cls.from_pretrained(source, subfolder=component)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConceptrolError(f"{flag} {source}: cannot load its {component} ({reason})") from None
+
+
+def _cross_attention_layers(config: dict) -> tuple[str, ...]:
+    """The U-Net's cross-attention layer names, from a weightless (meta-device) copy built from its config."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    return tuple(name.removesuffix(".processor") for name in unet.attn_processors if name.endswith("attn2.processor"))
