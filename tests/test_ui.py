@@ -1,8 +1,15 @@
-"""The web UI's logic and server: concept words, requests, the lazy backend, serialisation, errors, upload limits."""
+"""The web UI's logic and server: concept words, requests, the lazy backend, the API, errors, `conceptrol ui` flags."""
 
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -10,9 +17,11 @@ import pytest
 from PIL import Image
 
 from conceptrol import Concept, ConceptrolError, find_concept_span
-from conceptrol.demo import CompareRequest, LocalBackend, build_demo, request_from_inputs
+from conceptrol.demo import (CompareRequest, LocalBackend, UIOptions, build_demo, check_can_serve, parse_file_size,
+                             request_from_api, request_from_inputs)
 from conceptrol.demo.backend import DEMO_CHOICES, Comparison, model_choice
-from conceptrol.demo.concept_words import concept_from_words, keep_selection, preselect, prompt_words, word_choices
+from conceptrol.demo.concept_words import (concept_from_text, concept_from_words, keep_selection, preselect,
+                                           prompt_words, word_choices)
 from conceptrol.generate import GenerateSettings, run_conceptrol
 from conceptrol.offline_demo import reference_picture, tiny_pipeline
 
@@ -61,6 +70,25 @@ def test_a_selection_follows_its_phrase_when_the_prompt_is_edited():
     assert keep_selection("a teddy bear", "a cat", positions(1, 2)) == []
 
 
+@pytest.mark.parametrize("prompt,text,occurrence,expected", [
+    ("a cat and a teddy bear in the snow", "teddy bear", 0, Concept("teddy bear", 0)),
+    ("a cat and a cat toy", "Cat", 1, Concept("Cat", 1)),
+    ("a teddy-bear's hat", " teddy-bear's, ", 0, Concept("teddy-bear's", 0)),
+])
+def test_a_typed_concept_names_a_phrase_of_any_prompt(prompt, text, occurrence, expected):
+    assert concept_from_text(prompt, text, occurrence) == expected
+
+
+@pytest.mark.parametrize("prompt,text,occurrence,message", [
+    ("a dog on a beach", "dgo", 0, "the concept 'dgo' is not in the prompt 'a dog on a beach'; did you mean 'dog'?"),
+    ("a cat and a cat toy", "cat", 2, "'cat' appears 2 time(s) in the prompt, so occurrence 2 does not exist"),
+    ("a dog", "!!", 0, "the concept '!!' has no word in it"),
+])
+def test_a_typed_concept_missing_from_the_prompt_says_so(prompt, text, occurrence, message):
+    with pytest.raises(ConceptrolError, match=re.escape(message)):
+        concept_from_text(prompt, text, occurrence)
+
+
 def slots(images=(), words=()):
     images = list(images) + [None] * (3 - len(images))
     words = list(words) + [[]] * (3 - len(words))
@@ -84,6 +112,25 @@ def test_request_skips_empty_slots_and_keeps_reference_order(tmp_path):
 def test_page_mistakes_say_what_to_do(prompt, inputs, message):
     with pytest.raises(ConceptrolError, match=message):
         request_from_inputs("tiny-sd15", prompt, inputs, 1.0, 0.2, 5, 0, (128, 96))
+
+
+def test_api_request_takes_each_concept_as_text_for_any_prompt(tmp_path):
+    request = request_from_api("tiny-sd15", "a cat and a cat toy", [(tmp_path / "toy.png", "cat", 1), (None, "", 0),
+                                                                    (tmp_path / "c.png", "cat toy", 0)],
+                               1.0, 0.2, 5, 3, (128, 96))
+    assert request.references == (tmp_path / "toy.png", tmp_path / "c.png")
+    assert request.concepts == (Concept("cat", 1), Concept("cat toy"))
+
+
+@pytest.mark.parametrize("references,message", [
+    ([("r.png", "", 0)], "reference 1 has no concept: pass concept_1"),
+    ([("r.png", "dog", 0), (None, "wave", 0)], "concept_2 'wave' has no image: pass reference_2"),
+    ([("r.png", "cat", 0)], "reference 1: the concept 'cat' is not in the prompt"),
+    ([("r.png", "dog", 1)], "reference 1: the concept 'dog' appears 1 time"),
+])
+def test_api_mistakes_say_what_to_do(references, message):
+    with pytest.raises(ConceptrolError, match=re.escape(message)):
+        request_from_api("tiny-sd15", "a dog surfing a wave", references, 1.0, 0.2, 5, 0, (128, 96))
 
 
 def test_model_menu_guesses_the_architecture_of_a_local_folder(tmp_path):
@@ -207,11 +254,12 @@ def served():
         demo.close()
 
 
-def page_inputs(reference, words):
+def api_inputs(reference, concept="dog", prompt="a dog surfing a wave", **more):
+    """Keyword arguments of the /generate endpoint: one reference and its concept, the rest left to their defaults."""
     from gradio_client import handle_file
 
-    return ["tiny-sd15", "a dog surfing a wave", 1.0, 0.2, 3, 0, 128, 96,
-            handle_file(str(reference)), None, None, words, [], []]
+    return dict(model="tiny-sd15", prompt=prompt, steps=3, reference_1=handle_file(str(reference)), concept_1=concept,
+                api_name="/generate") | more
 
 
 def fake_result():
@@ -219,7 +267,7 @@ def fake_result():
     return Comparison(image, image, [(image, "mask of 'dog'")], 0.1)
 
 
-def test_the_page_serves_generate_requests_one_at_a_time(served, reference_file):
+def test_generate_requests_run_one_at_a_time(served, reference_file):
     spans = []
 
     def slow(request, progress):
@@ -229,7 +277,7 @@ def test_the_page_serves_generate_requests_one_at_a_time(served, reference_file)
         return fake_result()
 
     _, client = served(slow)
-    jobs = [client.submit(*page_inputs(reference_file, positions(1)), api_name="/generate") for _ in range(3)]
+    jobs = [client.submit(**api_inputs(reference_file)) for _ in range(3)]
     outputs = [job.result(timeout=60) for job in jobs]
     spans.sort()
     assert len(outputs) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
@@ -246,27 +294,100 @@ def test_errors_reach_the_page_as_one_message(served, reference_file, failure, m
 
     _, client = served(failing)
     with pytest.raises(Exception, match=message) as raised:
-        client.predict(*page_inputs(reference_file, positions(1)), api_name="/generate")
+        client.predict(**api_inputs(reference_file))
     assert "Traceback" not in str(raised.value)
 
 
-def test_a_missing_concept_is_reported_in_the_page_without_generating(served, reference_file):
+def test_a_missing_concept_is_reported_without_generating(served, reference_file):
     calls = []
     _, client = served(lambda request, progress: calls.append(request) or fake_result())
-    with pytest.raises(Exception, match="pick the concept of reference 1"):
-        client.predict(*page_inputs(reference_file, []), api_name="/generate")
+    with pytest.raises(Exception, match="reference 1 has no concept: pass concept_1"):
+        client.predict(**api_inputs(reference_file, concept=""))
     assert calls == []
 
 
-def test_uploads_over_the_size_limit_are_refused(served, tmp_path):
-    url, _ = served(lambda request, progress: fake_result(), max_file_size="20kb")
+@pytest.mark.parametrize("prompt,concept,occurrence,expected", [
+    ("a cat and a teddy bear in the snow", "teddy bear", 0, Concept("teddy bear", 0)),  # no word of the page's prompt
+    ("a cat and a cat toy", "cat", 1, Concept("cat", 1)),  # the second cat
+])
+def test_the_api_takes_a_concept_for_any_prompt(served, reference_file, prompt, concept, occurrence, expected):
+    requests = []
+    _, client = served(lambda request, progress: requests.append(request) or fake_result())
+    client.predict(**api_inputs(reference_file, concept, prompt, occurrence_1=occurrence))
+    assert [(r.prompt, r.concepts, len(r.references)) for r in requests] == [(prompt, (expected,), 1)]
+
+
+def test_the_pages_own_generate_click_still_names_the_clicked_word(served, reference_file):
+    """The page's click (private: word positions of the page's prompt) sent as the browser sends it, via the queue."""
+    requests = []
+    url, _ = served(lambda request, progress: requests.append(request) or fake_result())
+    config = httpx.get(url + "config").json()
+    components = {c["id"]: c["props"] for c in config["components"]}
+    click = next(d for d in config["dependencies"]
+                 if d["targets"] and components[d["targets"][0][0]].get("elem_id") == "generate")
+    uploaded = httpx.post(url + "gradio_api/upload", files={"files": reference_file.open("rb")}).json()[0]
+    page_values = {"reference-0": {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "concept-0": ["1"]}
+    data = [page_values.get(components[i].get("elem_id"), components[i].get("value")) for i in click["inputs"]]
+    session = "page-click"
+    joined = httpx.post(url + "gradio_api/queue/join", json=dict(data=data, fn_index=click["id"], session_hash=session,
+                                                                  trigger_id=click["targets"][0][0], event_data=None))
+    assert joined.status_code == 200 and click["api_visibility"] == "private"
+    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=30) as events:
+        done = next(m for line in events.iter_lines() if line.startswith("data:")
+                    and (m := json.loads(line[5:]))["msg"] == "process_completed")
+    assert done["success"] and [r.concepts for r in requests] == [(Concept("dog"),)]
+
+
+def test_the_api_documents_one_generate_endpoint_with_a_concept_per_reference(served):
+    _, client = served(lambda request, progress: fake_result())
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert list(endpoints) == ["/generate"]  # the page's own click (word positions) is not part of the API
+    names = [parameter["parameter_name"] for parameter in endpoints["/generate"]["parameters"]]
+    assert names[:2] == ["model", "prompt"] and names[-3:] == ["reference_3", "concept_3", "occurrence_3"]
+    assert "word or phrase of the prompt" in endpoints["/generate"]["description"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def ui_server(*flags, cwd, timeout=120):
+    """`conceptrol ui --demo FLAGS` in a subprocess, as a user starts it; yields its URL and stops it afterwards."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log = cwd / "ui.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "conceptrol.cli", "ui", "--demo", *flags], stdout=output,
+                                   stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (url := next((line.split()[2] for line in log.read_text().splitlines()
+                                if line.startswith("Conceptrol UI: ")), None)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"conceptrol ui did not start (exit status {process.poll()}):\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_uploads_over_the_size_limit_are_refused(tmp_path):
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     Image.new("RGB", (8, 8)).save(small)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(large)
-    assert large.stat().st_size > 20_000
-    upload = url.rstrip("/") + "/gradio_api/upload"
-    assert httpx.post(upload, files={"files": small.open("rb")}).status_code == 200
-    assert httpx.post(upload, files={"files": large.open("rb")}).status_code == 413
+    assert 20 * 1024 < large.stat().st_size
+    with ui_server("--max-file-size", "20kb", "--port", str(free_port()), cwd=tmp_path) as url:
+        upload = url.rstrip("/") + "/gradio_api/upload"
+        assert httpx.post(upload, files={"files": small.open("rb")}).status_code == 200
+        assert httpx.post(upload, files={"files": large.open("rb")}).status_code == 413
 
 
 def test_a_model_that_cannot_be_fetched_says_how_to_point_the_ui_at_a_local_copy(reference_file):
@@ -279,10 +400,6 @@ def test_a_model_that_cannot_be_fetched_says_how_to_point_the_ui_at_a_local_copy
 
 
 def run_ui_cli(*args, code=""):
-    import os
-    import subprocess
-    import sys
-
     script = f"import sys\n{code}\nfrom conceptrol.cli import main\nsys.exit(main({list(args)!r}))"
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
@@ -290,14 +407,143 @@ def run_ui_cli(*args, code=""):
 
 def test_ui_cli_refuses_demo_with_a_model_in_one_line():
     result = run_ui_cli("ui", "--demo", "--model", "sd15")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "conceptrol: error: --demo uses its own tiny models; leave out --model"
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["conceptrol: error: --demo uses its own tiny models; leave out --model"]
 
 
-def test_ui_cli_without_gradio_says_how_to_install_it():
+def test_ui_cli_without_gradio_says_how_to_install_it_in_one_line():
     result = run_ui_cli("ui", "--demo", code="sys.modules['gradio'] = None")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "pip install 'conceptrol[ui]'" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("conceptrol: error: ") and "pip install 'conceptrol[ui]'" in line
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(port=0), "--port must be from 1 to 65535, got 0"),
+    (dict(port=70000), "--port must be from 1 to 65535, got 70000"),
+    (dict(max_file_size="lots"), "--max-file-size must be a size above zero such as 25mb"),
+    (dict(max_file_size="0kb"), "--max-file-size must be a size above zero"),
+    (dict(host=" "), "--host is empty"),
+    (dict(device="gpu"), "--device must be auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'; did you mean 'cuda'?"),
+    (dict(dtype="float16"), "--dtype must be one of auto, fp32, fp16, bf16, got 'float16'; did you mean 'fp16'?"),
+])
+def test_ui_options_check_their_syntax_and_name_the_flag(options, message):
+    with pytest.raises(ConceptrolError, match=re.escape(message)):
+        UIOptions(**options)
+
+
+@pytest.mark.parametrize("size,limit", [("20kb", 20 * 1024), ("25 MB", 25 * 1024**2), ("1.5gb", int(1.5 * 1024**3)),
+                                        ("20000", 20_000), (512, 512)])
+def test_upload_limits_are_read_as_gradio_counts_them(size, limit):
+    assert parse_file_size(size) == limit
+
+
+def test_a_taken_port_or_foreign_host_is_found_before_serving():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConceptrolError, match=f"--port {port} is in use; pass another --port"):
+            check_can_serve("127.0.0.1", port)
+    check_can_serve("127.0.0.1", port)  # free again
+    with pytest.raises(ConceptrolError, match="--host 8.8.8.8 is not an address of this machine"):
+        check_can_serve("8.8.8.8", None)
+
+
+# Each mistake runs `conceptrol ui --demo ...` through the CLI's main(), in one subprocess for all of them (a
+# process each would cost seconds of imports apiece); each call's stdout and stderr are its own, and a call that
+# reaches gradio's launch is recorded and stopped there.
+MISTAKES_SCRIPT = """
+import json, os, sys, tempfile, time
+import gradio
+import conceptrol.demo, conceptrol.loading  # imported once here, so each call below times only its own work
+from conceptrol.cli import main
+
+launches = []
+
+
+def launch(self, *args, **kwargs):  # reaching gradio's launch at all is the failure: record it, serve nothing
+    launches.append(1)
+    raise SystemExit("gradio launched")
+
+
+gradio.Blocks.launch = launch
+results = []
+for argv in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        began, launches[:] = time.monotonic(), []
+        try:
+            status = main(argv)
+        except BaseException as error:
+            status = repr(error)
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        out.seek(0), err.seek(0)
+        results.append(dict(status=status, stdout=out.read(), stderr=err.read(), launched=bool(launches),
+                            seconds=time.monotonic() - began))
+print(json.dumps(results))
+"""
+MISTAKES = {  # flags after `conceptrol ui --demo` -> the start of the one line the user reads
+    "port in use": (["--port", "{taken}"], "--port {taken} is in use; pass another --port or leave it out"),
+    "port 0": (["--port", "0"], "--port must be from 1 to 65535, got 0"),
+    "port 70000": (["--port", "70000"], "--port must be from 1 to 65535, got 70000"),
+    "negative port": (["--port", "-5"], "--port must be from 1 to 65535, got -5"),
+    "size lots": (["--max-file-size", "lots"], "--max-file-size must be a size above zero such as 25mb"),
+    "negative size": (["--max-file-size=-5mb"], "--max-file-size must be a size above zero such as 25mb"),
+    "size 0": (["--max-file-size", "0"], "--max-file-size must be a size above zero such as 25mb"),
+    "bad address": (["--host", "999.1.1.1"], "--host 999.1.1.1 is not an address this machine can serve on"),
+    "unknown host": (["--host", "no-such-host.invalid"], "--host no-such-host.invalid is not an address this machine"),
+    "device gpu": (["--device", "gpu"], "--device must be auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'"),
+    "bad dtype": (["--dtype", "fp8"], "--dtype must be one of auto, fp32, fp16, bf16, got 'fp8'"),
+}
+
+
+@pytest.fixture(scope="module")
+def ui_mistakes():
+    """What `conceptrol ui --demo` answers to each of MISTAKES (and to --device cuda), with one port held taken."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = {name: [arg.replace("{taken}", port) for arg in flags] for name, (flags, _) in MISTAKES.items()}
+        cases["device cuda"] = ["--device", "cuda"]
+        result = subprocess.run([sys.executable, "-c", MISTAKES_SCRIPT,
+                                 json.dumps([["ui", "--demo", *flags] for flags in cases.values()])],
+                                capture_output=True, text=True, timeout=120, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    return port, dict(zip(cases, json.loads(result.stdout.splitlines()[-1])))
+
+
+@pytest.mark.parametrize("mistake", [*MISTAKES, "device cuda"])
+def test_a_ui_flag_that_cannot_work_is_one_line_naming_it_before_anything_launches(ui_mistakes, mistake):
+    port, results = ui_mistakes
+    result = results[mistake]
+    if mistake == "device cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        message = "--device 'cuda' is not available here"
+    else:
+        message = MISTAKES[mistake][1].replace("{taken}", port)
+    assert result["status"] == 2 and not result["launched"], result
+    assert result["stderr"].splitlines() == [result["stderr"].strip()] and "Traceback" not in result["stderr"]
+    assert result["stderr"].startswith(f"conceptrol: error: {message}"), result["stderr"]
+    assert result["stdout"] == "" and result["seconds"] < 5, result
+
+
+def test_ui_cli_with_a_port_in_use_says_so_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_ui_cli("ui", "--demo", "--port", str(port))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"conceptrol: error: --port {port} is in use; pass another --port or leave "
+                                          "it out to take the first free one"]
 
 
 def test_two_subjects_give_one_mask_each_in_reference_order(tmp_path):

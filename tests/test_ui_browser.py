@@ -36,6 +36,7 @@ def free_port() -> int:
 @pytest.fixture
 def ui_url(tmp_path):
     """`conceptrol ui --demo` in a subprocess, as a user starts it; yields its URL."""
+    chromium_path()  # no browser: skip before starting a server
     env = os.environ | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "ui.log").open("w+")
     process = subprocess.Popen([sys.executable, "-m", "conceptrol.cli", "ui", "--demo", "--port", str(free_port())],

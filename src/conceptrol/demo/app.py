@@ -11,9 +11,10 @@ try:
 except ImportError as error:  # an extra: the library core does not need it
     raise ImportError("the web UI needs gradio: pip install 'conceptrol[ui]'") from error
 
+from ..concepts import Concept
 from ..errors import ConceptrolError
 from .backend import Comparison, CompareRequest, ModelChoice, Progress
-from .concept_words import concept_from_words, keep_selection, preselect, word_choices
+from .concept_words import concept_from_text, concept_from_words, keep_selection, preselect, word_choices
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_demo(generate_fn: GenerateFn, choices: Sequence[ModelChoice], prompt: 
                                     elem_id="conceptrol")
                     masks = gr.Gallery(label="Concept mask", format="png", columns=1, interactive=False,
                                        height=OUTPUT_HEIGHT, object_fit="contain", elem_id="masks")
-                status = gr.Markdown(elem_id="status")
+                status = gr.Markdown(label="Status", elem_id="status")
         _wire(demo, generate_fn, choices, controls, [vanilla, ours, masks, status])
     return demo
 
@@ -60,7 +61,7 @@ def _controls(choices: Sequence[ModelChoice], first: ModelChoice, prompt: str) -
                                               elem_id="model")}
     c["prompt"] = gr.Textbox(value=prompt, label="Prompt", placeholder=DEFAULT_PROMPT, elem_id="prompt")
     c["last_prompt"] = gr.State(prompt)
-    c["images"], c["words"] = [], []
+    c["images"], c["words"], c["concepts"], c["occurrences"] = [], [], [], []
     _reference_slot(c, 0, prompt)
     with gr.Accordion("More subjects (one reference and concept each)", open=False, elem_id="more-subjects"):
         for i in range(1, MAX_REFERENCES):
@@ -88,6 +89,11 @@ def _reference_slot(c: dict[str, Any], i: int, prompt: str) -> None:
         c["words"].append(gr.CheckboxGroup(word_choices(prompt), label=f"Concept of reference {i + 1}",
                                            info="click the word(s) of the prompt that name this subject",
                                            elem_id=f"concept-{i}"))
+    # The API's way to name the concept, for any prompt (the checkboxes only know the page's prompt); never shown.
+    c["concepts"].append(gr.Textbox("", visible=False, label=f"Concept of reference {i + 1}: a word or phrase of "
+                                    "the prompt"))
+    c["occurrences"].append(gr.Number(0, visible=False, precision=0, minimum=0,
+                                      label=f"Which appearance of concept {i + 1} in the prompt (0 = the first)"))
 
 
 def _wire(demo: gr.Blocks, generate_fn: GenerateFn, choices: Sequence[ModelChoice], c: dict[str, Any],
@@ -119,19 +125,30 @@ def _wire(demo: gr.Blocks, generate_fn: GenerateFn, choices: Sequence[ModelChoic
     for image, words in zip(c["images"], c["words"]):
         image.change(on_upload, [image, c["prompt"], words], words, **light)
 
-    on_generate = _generate_handler(generate_fn, {m.key: m.label for m in choices})
-    inputs = [c["model"], c["prompt"], c["scale"], c["start"], c["steps"], c["seed"], c["width"], c["height"],
-              *c["images"], *c["words"]]
-    c["run"].click(on_generate, inputs, outputs, concurrency_limit=1, concurrency_id="generate", api_name="generate")
-
-
-def _generate_handler(generate_fn: GenerateFn, labels: dict[str, str]) -> Callable[..., list[Any]]:
-    """The Generate click: the page's values in, three images and a status line out; errors become page messages."""
+    run = _runner(generate_fn, {m.key: m.label for m in choices})
+    settings = [c["model"], c["prompt"], c["scale"], c["start"], c["steps"], c["seed"], c["width"], c["height"]]
+    queued = dict(concurrency_limit=1, concurrency_id="generate")  # the page and the API share one queue
 
     def on_generate(model: str, prompt: str, scale: float, start: float, steps: float, seed: float, width: float,
                     height: float, *slots: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
+        return run(lambda: request_from_inputs(model, prompt, slots, scale, start, steps, seed, (width, height)),
+                   progress)
+
+    # The page's clicks name word positions of the prompt on the page; clients use /generate below instead.
+    c["run"].click(on_generate, [*settings, *c["images"], *c["words"]], outputs, api_visibility="private", **queued)
+    slots = [part for i in range(MAX_REFERENCES) for part in (c["images"][i], c["concepts"][i], c["occurrences"][i])]
+    gr.on([], _api_handler(run), [*settings, *slots], outputs, api_name="generate", **queued)  # API only
+
+
+Runner = Callable[[Callable[[], CompareRequest], Any], list[Any]]  # (how to build the request, progress) -> outputs
+
+
+def _runner(generate_fn: GenerateFn, labels: dict[str, str]) -> Runner:
+    """One generation: a request in, three images and a status line out; errors become one page message."""
+
+    def run(make_request: Callable[[], CompareRequest], progress: gr.Progress) -> list[Any]:
         try:
-            request = request_from_inputs(model, prompt, slots, scale, start, steps, seed, (width, height))
+            request = make_request()
             result = generate_fn(request, lambda fraction, what: progress(fraction, desc=what))
         except ConceptrolError as error:
             raise gr.Error(str(error), duration=ERROR_SECONDS, print_exception=False) from None
@@ -140,14 +157,35 @@ def _generate_handler(generate_fn: GenerateFn, labels: dict[str, str]) -> Callab
             raise gr.Error(f"generation failed: {type(error).__name__}: {error} (the terminal running "
                            "`conceptrol ui` has the traceback)", duration=ERROR_SECONDS, print_exception=False) from None
         return [result.vanilla, result.conceptrol, [(image, label) for image, label in result.overlays],
-                f"Done in {result.seconds:.1f} s: {labels[model]}, seed {int(seed)}, {int(steps)} steps each."]
+                f"Done in {result.seconds:.1f} s: {labels[request.model]}, seed {request.seed}, "
+                f"{request.steps} steps each."]
 
-    return on_generate
+    return run
+
+
+def _api_handler(run: Runner) -> Callable[..., list[Any]]:
+    """The /generate endpoint; its parameter names are the API's: a reference, concept and occurrence per slot (3)."""
+
+    def generate(model: str, prompt: str, scale: float, start: float, steps: float, seed: float, width: float,
+                 height: float, reference_1: str | None = None, concept_1: str = "", occurrence_1: int = 0,
+                 reference_2: str | None = None, concept_2: str = "", occurrence_2: int = 0,
+                 reference_3: str | None = None, concept_3: str = "", occurrence_3: int = 0,
+                 progress: gr.Progress = gr.Progress()) -> list[Any]:
+        """Vanilla adapter vs Conceptrol, same seed, for any prompt: each reference image's concept is a word or
+        phrase of the prompt (concept_N), and occurrence_N picks which appearance when it repeats (0 = the first).
+        Returns the vanilla image, the Conceptrol image, one concept mask per reference, and a status line.
+        """
+        references = [(reference_1, concept_1, occurrence_1), (reference_2, concept_2, occurrence_2),
+                      (reference_3, concept_3, occurrence_3)]
+        return run(lambda: request_from_api(model, prompt, references, scale, start, steps, seed, (width, height)),
+                   progress)
+
+    return generate
 
 
 def request_from_inputs(model: str, prompt: str, slots: Sequence[Any], scale: float, start: float, steps: float,
                         seed: float, size: tuple[float, float]) -> CompareRequest:
-    """The page's values as a CompareRequest; empty reference slots are skipped."""
+    """The page's values as a CompareRequest: images, then the clicked word positions; empty slots are skipped."""
     if not prompt.strip():
         raise ConceptrolError("type a prompt first")
     images, selections = slots[:MAX_REFERENCES], slots[MAX_REFERENCES:]
@@ -163,6 +201,34 @@ def request_from_inputs(model: str, prompt: str, slots: Sequence[Any], scale: fl
         except ConceptrolError as error:
             raise ConceptrolError(f"reference {index + 1}: {error}") from None
         references.append(Path(image))
+    return _request(model, prompt, references, concepts, scale, start, steps, seed, size)
+
+
+def request_from_api(model: str, prompt: str, slots: Sequence[tuple[Any, str, float]], scale: float, start: float,
+                     steps: float, seed: float, size: tuple[float, float]) -> CompareRequest:
+    """The API's values as a CompareRequest: per slot (image, concept text, occurrence); empty slots are skipped."""
+    if not prompt.strip():
+        raise ConceptrolError("type a prompt first")
+    references, concepts = [], []
+    for n, (image, text, occurrence) in enumerate(slots, start=1):
+        text = (text or "").strip()
+        if not image and text:
+            raise ConceptrolError(f"concept_{n} {text!r} has no image: pass reference_{n} or leave concept_{n} empty")
+        if not image:
+            continue
+        if not text:
+            raise ConceptrolError(f"reference {n} has no concept: pass concept_{n}, the word or phrase of the prompt "
+                                  "that names its subject")
+        try:
+            concepts.append(concept_from_text(prompt, text, int(occurrence or 0)))
+        except ConceptrolError as error:
+            raise ConceptrolError(f"reference {n}: {error}") from None
+        references.append(Path(image))
+    return _request(model, prompt, references, concepts, scale, start, steps, seed, size)
+
+
+def _request(model: str, prompt: str, references: list[Path], concepts: list[Concept], scale: float, start: float,
+             steps: float, seed: float, size: tuple[float, float]) -> CompareRequest:
     return CompareRequest(model=model, prompt=prompt, references=tuple(references), concepts=tuple(concepts),
                           scale=float(scale), start=float(start), steps=int(steps), seed=int(seed or 0),
                           size=(int(size[0]), int(size[1])))

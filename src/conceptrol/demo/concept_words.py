@@ -1,7 +1,8 @@
-"""The prompt's words as clickable concept choices, and the Concept a selection of them names (no gradio)."""
+"""The prompt's words as clickable concept choices, and the Concept a selection or a typed phrase names (no gradio)."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -40,6 +41,25 @@ def concept_from_words(prompt: str, selected: list[str] | tuple[str, ...]) -> Co
     phrase = [w.lower() for w in words[start : start + length]]
     earlier = sum(1 for i in range(start) if [w.lower() for w in words[i : i + length]] == phrase)
     return Concept(" ".join(words[start : start + length]), occurrence=earlier)
+
+
+def concept_from_text(prompt: str, text: str, occurrence: int = 0) -> Concept:
+    """The Concept a typed word or phrase names, checked to be in the prompt (occurrence 0 = its first appearance)."""
+    typed = WORD.findall(text)
+    if not typed:
+        raise ConceptrolError(f"the concept {text!r} has no word in it; give the word(s) of the prompt that name "
+                              "the subject")
+    phrase, words = [w.lower() for w in typed], [w.lower() for w in prompt_words(prompt)]
+    starts = [i for i in range(len(words) - len(phrase) + 1) if words[i : i + len(phrase)] == phrase]
+    if not starts:
+        phrases = [" ".join(words[i : i + len(phrase)]) for i in range(len(words) - len(phrase) + 1)]
+        close = difflib.get_close_matches(" ".join(phrase), phrases, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else "give a word or phrase of the prompt"
+        raise ConceptrolError(f"the concept {text!r} is not in the prompt {prompt!r}; {hint}")
+    if not 0 <= occurrence < len(starts):
+        raise ConceptrolError(f"the concept {text!r} appears {len(starts)} time(s) in the prompt, so occurrence "
+                              f"{occurrence} does not exist; use 0 (its first appearance) to {len(starts) - 1}")
+    return Concept(" ".join(typed), occurrence=occurrence)
 
 
 def preselect(prompt: str, reference: str | Path | None) -> list[str]:
