@@ -82,8 +82,9 @@ def save_atomic(image: Image.Image, path: Path) -> None:
     _sync_folder(path.parent)
 
 
-def write_json_atomic(data: Any, path: Path) -> None:
-    """JSON written to a temporary file, synced and renamed over `path`."""
+def write_json_atomic(data: Any, path: Path, replace: bool = True) -> None:
+    """JSON written to a temporary file, synced, then renamed over `path` (replace=False: only if `path` is new,
+    so of two processes writing at once the first one's file stays, whole)."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json.tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
@@ -91,11 +92,23 @@ def write_json_atomic(data: Any, path: Path) -> None:
             file.write("\n")
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+        if replace:
+            os.replace(temporary, path)
+        else:
+            _link_if_new(Path(temporary), path)
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
     _sync_folder(path.parent)
+
+
+def _link_if_new(temporary: Path, path: Path) -> None:
+    try:
+        os.link(temporary, path)  # atomic, and fails if the file exists
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: a rename is still atomic
+        if not path.exists():
+            os.replace(temporary, path)
 
 
 def _sync_folder(folder: Path) -> None:

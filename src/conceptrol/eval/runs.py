@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConceptrolError, ConceptrolWarning
+from ..outputs import write_json_atomic
 
 RUN_FILE = "run.json"
 FORMAT = 1
@@ -62,10 +61,10 @@ def check_run_file(out: Path, identity: dict[str, Any], benchmark: Path) -> None
 
     stored = read_run_file(out)
     if stored is None:
-        _write_once(Path(out) / RUN_FILE, {
+        write_json_atomic({
             "format": FORMAT, "settings": identity, "benchmark": str(Path(benchmark).expanduser().resolve()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "conceptrol": __version__, "diffusers": _diffusers(),
-        })
+        }, Path(out) / RUN_FILE, replace=False)
         stored = read_run_file(out)  # another process may have written it first: compare with that one
     differences = [f"{key} {stored['settings'].get(key)!r} there, {value!r} now" for key, value in identity.items()
                    if stored["settings"].get(key) != value]
@@ -82,23 +81,3 @@ def _diffusers() -> str:
     import diffusers
 
     return diffusers.__version__
-
-
-def _write_once(path: Path, data: dict[str, Any]) -> None:
-    """Write `path` complete or not at all, and never over a file another process wrote meanwhile."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".run-", suffix=".json.tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, sort_keys=True)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)  # atomic, and fails if the file exists
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links: a rename is still atomic
-            if not path.exists():
-                os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
