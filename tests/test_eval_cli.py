@@ -122,9 +122,11 @@ def test_a_run_in_which_every_job_fails_exits_non_zero(tmp_path, capsys):
     assert code == 2 and "every one of the 2 jobs failed" in err[-1] and "'dog' not found" in err[-1]
 
 
-def test_progress_is_plain_lines_in_a_log_and_no_per_image_bars(tmp_path):
+def test_progress_is_plain_lines_in_a_log_and_no_per_image_bars(tmp_path, tiny_folder):
+    model, adapters = tiny_folder  # loaded through diffusers as real weights are: no loading bars in the log either
     result = run_cli("evaluate", "--benchmark", str(manifest(tmp_path, ("a dog on the moon", "a dog in a cafe"))),
-                     *TINY, "--no-score", "--out", str(tmp_path / "run"))
+                     "--model", str(model), "--adapter-repo", str(adapters), *TINY[2:], "--no-score",
+                     "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0] == "conceptrol: generate: 4 jobs to do"

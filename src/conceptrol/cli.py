@@ -118,6 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .settings import GenerateSettings
 
     settings = GenerateSettings(**_fields(args) | {"image": tuple(args.image), "concept": tuple(args.concept)})
+    _no_bars_in_logs()
     from .generate import generate
 
     for path in generate(settings).files:
@@ -131,6 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     settings = EvaluateSettings(**fields | {
         "method": tuple(args.method or EvaluateSettings.method), "scale": tuple(args.scale or EvaluateSettings.scale),
         "seeds": tuple(args.seeds)})
+    _no_bars_in_logs()
     from .eval.evaluate import evaluate
 
     print(evaluate(settings).line())
@@ -179,6 +181,17 @@ def _quiet_libraries() -> None:
 
 
 _SHOWN: set[str] = set()  # each of our warnings once per command, though the checks and the run may both raise it
+
+
+def _no_bars_in_logs() -> None:
+    """When stderr is a log rather than a terminal, no model-loading bars from diffusers and transformers."""
+    if sys.stderr.isatty():
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:

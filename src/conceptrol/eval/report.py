@@ -126,7 +126,7 @@ def report(run: Path) -> list[str]:
 def settings_lines(settings: dict | None) -> list[str]:
     if not settings:
         return []
-    values = ", ".join(f"{key} {value}" for key, value in settings["settings"].items())
+    values = ", ".join(f"{key} {value}" for key, value in settings["settings"].items() if value is not None)
     return [f"settings: {values}", f"made with conceptrol {settings.get('conceptrol')}, diffusers "
             f"{settings.get('diffusers')}, from {settings.get('benchmark')}, started {settings.get('created')}"]
 
