@@ -118,10 +118,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .settings import GenerateSettings
 
     settings = GenerateSettings(**_fields(args) | {"image": tuple(args.image), "concept": tuple(args.concept)})
-    _no_bars_in_logs()
-    from .generate import generate
+    from .generate import check_generation, generate
 
-    for path in generate(settings).files:
+    checked = check_generation(settings)
+    _no_bars_in_logs()
+    for path in generate(settings, checked=checked).files:
         print(path)
 
 
@@ -132,10 +133,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     settings = EvaluateSettings(**fields | {
         "method": tuple(args.method or EvaluateSettings.method), "scale": tuple(args.scale or EvaluateSettings.scale),
         "seeds": tuple(args.seeds)})
-    _no_bars_in_logs()
     from .eval.evaluate import evaluate
 
-    print(evaluate(settings).line())
+    print(evaluate(settings, before_loading=_no_bars_in_logs).line())
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -1,4 +1,7 @@
-"""One generation from settings to files: the library function behind `conceptrol generate` and the demo."""
+"""One generation from settings to files: the library function behind `conceptrol generate` and the demo.
+
+torch and diffusers are imported where a pipeline is loaded or run, so the checks before that answer quickly.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from PIL import Image
 
 from .concepts import Concept
 from .config import ConceptrolConfig
 from .errors import ConceptrolError
-from .flux_handle import is_flux_pipeline
 from .images import load_reference_image
-from .install import apply_conceptrol, detect_architecture
 from .outputs import free_suffix, safe_name, with_suffix, write_new_png, write_new_text
 from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource
 
@@ -45,27 +45,43 @@ def prepare_output_dir(out: Path) -> Path:
     return out
 
 
-def generate(settings: GenerateSettings, pipe: Any = None) -> GenerateResult:
-    """Generate with Conceptrol and save images (and mask overlays) into `settings.out`, never over earlier files.
+@dataclass
+class Checked:
+    """What `check_generation` found: the output folder and the reference images, read and checked."""
 
-    Every check that needs no model weights (output folder, reference files, device, concepts in the
-    prompt, adapter and layer names, options that do not apply) runs before the pipeline loads.
-    """
-    from .loading import pick_device
+    out: Path
+    references: list[Image.Image]
+
+
+def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
+    """Every check that needs no model weights, in order of cost: the output folder, the reference files, the
+    model's configs and tokenizer (the concepts located in the prompt), adapter and layer names, options that do
+    not apply, the hub (one quick request), the device."""
     from .preflight import check_adapter_source, check_settings, info_from_pipeline, info_from_source
 
     out = prepare_output_dir(settings.out)
     references = [load_reference_image(path) for path in settings.image]
-    if pipe is None:
-        pick_device(settings.device)
-        info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
-        check_settings(settings, info)
-        check_adapter_source(info.architecture, settings.adapter, settings.adapter_repo)
-        pipe = pipeline_for(settings)
-    else:
+    if pipe is not None:
         check_settings(settings, info_from_pipeline(pipe), check_adapter=False)
-    result = run_conceptrol(pipe, settings, references)
-    result.files = save_result(result, settings, out)
+        return Checked(out, references)
+    info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
+    check_settings(settings, info)
+    check_adapter_source(info.architecture, settings.adapter, settings.adapter_repo)
+    from .loading import pick_device
+
+    pick_device(settings.device)
+    return Checked(out, references)
+
+
+def generate(settings: GenerateSettings, pipe: Any = None, checked: Checked | None = None) -> GenerateResult:
+    """Generate with Conceptrol and save images (and mask overlays) into `settings.out`, never over earlier files.
+
+    `check_generation` runs first (pass its result as `checked` if you ran it already), so mistakes are found
+    before the pipeline loads; `pipe` is loaded from the settings when not given.
+    """
+    checked = checked or check_generation(settings, pipe)
+    result = run_conceptrol(pipe if pipe is not None else pipeline_for(settings), settings, checked.references)
+    result.files = save_result(result, settings, checked.out)
     return result
 
 
@@ -84,6 +100,11 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
 
     `on_step(done, total)` is called after every denoising step (for progress bars).
     """
+    import torch
+
+    from .flux_handle import is_flux_pipeline
+    from .install import apply_conceptrol, detect_architecture
+
     flux = is_flux_pipeline(pipe)
     architecture = "flux" if flux else detect_architecture(pipe.unet)
     values = resolved_values(settings, architecture)

@@ -132,8 +132,12 @@ def _unique(name: str, values: tuple) -> tuple:
     return unique
 
 
-def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print) -> EvaluateSummary:
-    """Check everything, then generate, score and judge this process's share of the jobs (resumable)."""
+def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
+             before_loading: Callable[[], None] = lambda: None) -> EvaluateSummary:
+    """Check everything, then generate, score and judge this process's share of the jobs (resumable).
+
+    `echo` prints the run's notes; `before_loading` runs once every check has passed, before any weights load.
+    """
     from ..generate import pipeline_for, prepare_output_dir
     from .records import shard
     from .runner import generate_pass, jobs, process_device, process_rank
@@ -148,11 +152,12 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print) ->
     pipe, info = _model(settings, base)
     _check_cases(settings, base, info, cases, echo if rank == 0 else lambda _: None)
     check_run_file(out, run_identity(settings, base, info), settings.benchmark)
-    metrics = None if settings.no_score else _load_metrics(settings, device)
     if settings.judge is not None:
         from .judge import check_judge
 
         check_judge(settings.judge)
+    before_loading()
+    metrics = None if settings.no_score else _load_metrics(settings, device)
     pipe = pipe if pipe is not None else pipeline_for(base)
     pipe.set_progress_bar_config(disable=True)
     all_jobs = jobs(cases, settings.method, settings.scale, settings.seeds)
