@@ -2,6 +2,9 @@ import os
 import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Idle OpenMP threads yield the CPU instead of spinning: on two cores, subprocess tests (torchrun, the UI
+# server) and this process would otherwise slow each other down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")

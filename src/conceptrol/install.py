@@ -7,12 +7,11 @@ import inspect
 import warnings
 from typing import Any
 
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-
+from .callbacks import chain_step_callback
 from .concepts import ResolvedConcepts, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig, normalize_layer_name
 from .errors import ConceptrolError
-from .flux_handle import FluxConceptrolHandle, is_flux_pipeline
+from .flux_handle import is_flux_pipeline
 from .processors.unet import ConceptrolIPAdapterProcessor
 from .state import ConceptMasks, ConceptrolState
 
@@ -24,10 +23,19 @@ def detect_architecture(unet: Any) -> str:
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None) -> ConceptrolHandle | FluxConceptrolHandle:
-    """Install Conceptrol on a diffusers pipeline that has an IP-Adapter (or, for FLUX, OminiControl) loaded."""
+def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: Any = None) -> Any:
+    """Install Conceptrol on a diffusers pipeline with a reference adapter; returns the handle to call it through.
+
+    SD 1.5 / SDXL with an IP-Adapter; FLUX.1 with the OminiControl subject LoRA, with XLabs' IP-Adapter, as a
+    FluxKontextPipeline, or with `redux=` a FluxPriorReduxPipeline (then `pipe` is a FluxPipeline with its text
+    encoders).
+    """
     if is_flux_pipeline(pipe):
-        return FluxConceptrolHandle(pipe, (config or ConceptrolConfig()).with_architecture("flux"))
+        from .flux_adapters import flux_handle
+
+        return flux_handle(pipe, (config or ConceptrolConfig()).with_architecture("flux"), redux)
+    if redux is not None:
+        raise ConceptrolError(f"redux= goes with a FLUX.1 pipeline (FluxPipeline), not {type(pipe).__name__}")
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise ConceptrolError(
@@ -135,18 +143,12 @@ class ConceptrolHandle:
 
     def _with_step_callback(self, kwargs: dict) -> dict:
         """Chain a step counter before the user's callback_on_step_end (kept working as before)."""
-        user = kwargs.get("callback_on_step_end")
-        kwargs = dict(kwargs)
-        if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
-            kwargs["callback_on_step_end_tensor_inputs"] = user.tensor_inputs
         state = self.state
 
-        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        def finished(step: int) -> None:
             state.call.step = step + 1
-            return user(pipe, step, timestep, callback_kwargs) if user is not None else {}
 
-        kwargs["callback_on_step_end"] = on_step_end
-        return kwargs
+        return chain_step_callback(kwargs, finished)
 
     def _on_unet_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Read the latent grid and the number of steps the pipeline really runs."""

@@ -60,24 +60,74 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     return mask.flatten(2)
 
 
-# FLUX with OminiControl (ALGORITHM.md section 2). The joint sequence is [text T | latent N | condition N_c].
+# FLUX (ALGORITHM.md sections 2 and 4): the textual concept mask, and the bias that confines a reference
+# (OminiControl's condition, Kontext's or Redux's reference tokens) to it.
 
 
-def flux_concept_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
-    """Textual concept mask Â of FLUX: each latent token's share of its text attention on the concept, mean 1.
+def flux_text_share(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
+    """r[n]: each latent token's attention on the concept span, as a share of its attention on the text tokens.
 
-    Dividing P[h, n, t] by its sum over the T text columns cancels the softmax's normaliser, so only
-    the latent-to-text logits are needed (the latent-to-text bias is 0).
+    Softmax over the text keys only; dividing P[h, n, t] by its sum over the T text columns (sections 2 and 4)
+    cancels the joint softmax's normaliser, so only the latent-to-text logits are needed.
     """
-    # latent_query [B, H, N, d], text_key [B, H, T, d] (after RoPE), weights [B, T] -> [B, N]
+    # latent_query [B, H, N, d], text_key [B, H, T, d] (after the q/k norms and RoPE),
+    # weights [B, T] -> r [B, N], or weights [B, J, T] (J concepts) -> r [B, J, N]
     heads = latent_query.shape[1]
-    r = latent_query.new_zeros(latent_query.shape[0], latent_query.shape[2], dtype=torch.float32)
+    per_concept = weights if weights.ndim == 3 else weights[:, None]
+    r = latent_query.new_zeros(latent_query.shape[0], per_concept.shape[1], latent_query.shape[2], dtype=torch.float32)
     for first in range(0, heads, HEADS_PER_CHUNK):  # a few heads at a time: no [B, H, N, T] tensor at once
         chunk = slice(first, first + HEADS_PER_CHUNK)
         text_probs = text_attention_probs(latent_query[:, chunk], text_key[:, chunk])  # rows sum to 1 over text
-        r += torch.einsum("bhnt,bt->bn", text_probs, weights)
+        r += torch.einsum("bhnt,bjt->bjn", text_probs, per_concept.float())
     r = r / heads
+    return r if weights.ndim == 3 else r[:, 0]
+
+
+def flux_concept_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
+    """Textual concept mask Â of FLUX (sections 2 and 4 (b)): r normalised to mean 1 over the latent tokens."""
+    r = flux_text_share(latent_query, text_key, weights)
     return r / r.mean(dim=-1, keepdim=True)
+
+
+def flux_gate_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
+    """The mask M that gates a branch output (section 4 (a), the U-Net convention): r / (max r + 1e-6), in [0, 1]."""
+    return normalize_mask(flux_text_share(latent_query, text_key, weights))
+
+
+def reference_bias(
+    length: int,
+    text: slice,
+    latent: slice,
+    reference: slice,
+    spans: list[slice] | None,
+    scale: float,
+    concept_mask: Tensor | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Additive attention bias [B, 1, L, L] confining reference tokens (section 2's table; section 4 (b)).
+
+    `text` are the prompt's text rows (T5), `latent` the image being made, `reference` the reference tokens,
+    in any order along the sequence; spans are 0-based positions inside `text`, one per sample.
+    Plain (spans None): log c on text-or-latent -> reference and reference -> text-or-latent, 0 elsewhere.
+    Conceptrol: latent -> reference log c + log Â[row]; reference -> latent log c; concept text -> reference
+    log c; other text -> reference blocked; everything else 0.
+    """
+    log_c = math.log(scale) if scale > 0 else -math.inf
+    batch = 1 if spans is None else len(spans)
+    bias = torch.zeros(batch, 1, length, length, device=device)
+    if spans is None:
+        for rows in (text, latent):
+            bias[:, :, rows, reference] = log_c
+            bias[:, :, reference, rows] = log_c
+        return bias
+    bias[:, :, latent, reference] = log_c
+    bias[:, :, reference, latent] = log_c
+    for b, span in enumerate(spans):
+        bias[b, :, text, reference] = -math.inf
+        bias[b, :, text.start + span.start : text.start + span.stop, reference] = log_c
+    if concept_mask is not None:  # [B, N]: log Â of each latent row on its reference columns
+        bias[:, 0, latent, reference] += concept_mask.log().to(bias.device)[:, :, None]
+    return bias
 
 
 def flux_condition_bias(
@@ -89,25 +139,7 @@ def flux_condition_bias(
     concept_mask: Tensor | None = None,
     device: torch.device | None = None,
 ) -> Tensor:
-    """Additive attention bias [B, 1, L, L] for OminiControl (spans None) or Conceptrol (one span per sample).
-
-    Plain OminiControl: log c on text/latent -> condition and condition -> text/latent, 0 elsewhere.
-    Conceptrol: latent -> condition log c + log Â[row]; condition -> latent log c; concept text ->
-    condition log c; other text -> condition blocked; everything else 0.
-    """
-    length, text_end, latent_end = num_text + num_latent + num_condition, num_text, num_text + num_latent
-    log_c = math.log(condition_scale) if condition_scale > 0 else -math.inf
-    batch = 1 if spans is None else len(spans)
-    bias = torch.zeros(batch, 1, length, length, device=device)
-    if spans is None:
-        bias[:, :, :latent_end, latent_end:] = log_c
-        bias[:, :, latent_end:, :latent_end] = log_c
-        return bias
-    bias[:, :, text_end:latent_end, latent_end:] = log_c
-    bias[:, :, latent_end:, text_end:latent_end] = log_c
-    for b, span in enumerate(spans):
-        bias[b, :, :text_end, latent_end:] = -math.inf
-        bias[b, :, span, latent_end:] = log_c
-    if concept_mask is not None:  # [B, N]: log Â of each latent row on its condition columns
-        bias[:, 0, text_end:latent_end, latent_end:] += concept_mask.log().to(bias.device)[:, :, None]
-    return bias
+    """`reference_bias` for OminiControl's sequence [text T | latent N | condition N_c] (section 2)."""
+    latent_end = num_text + num_latent
+    return reference_bias(latent_end + num_condition, slice(0, num_text), slice(num_text, latent_end),
+                          slice(latent_end, latent_end + num_condition), spans, condition_scale, concept_mask, device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import adapter_active
-from ..masking import flux_concept_mask, flux_condition_bias, span_weights
+from ..masking import flux_concept_mask, reference_bias, span_weights
 
 # Blocks whose attention re-reads the mask, as in the reference (double block 18; single blocks 18 and 37).
 DEFAULT_MASK_BLOCKS = ("transformer_blocks.18", "single_transformer_blocks.18", "single_transformer_blocks.37")
@@ -28,17 +28,45 @@ def condition_scale_at(step: int, total_steps: int, start: float, end: float, sc
     return scale if adapter_active(step, total_steps, start, end) else OUTSIDE_WINDOW_SCALE
 
 
-@dataclass(frozen=True)
-class JointLayout:
-    """Token counts of the joint sequence [text | latent | condition]; all derived from tensor shapes."""
+@dataclass(frozen=True, eq=False)
+class SequenceLayout:
+    """Where the prompt's text, the latent image and the reference tokens sit in a joint attention sequence."""
 
-    num_text: int
-    num_latent: int
-    num_condition: int
+    length: int
+    text: slice  # the prompt's (T5) text tokens, whose attention gives the concept mask
+    latent: slice  # the image being generated
+    reference: slice  # the reference tokens (OminiControl's condition, Kontext's or Redux's); may be empty
 
     @property
-    def latent(self) -> slice:
-        return slice(self.num_text, self.num_text + self.num_latent)
+    def has_reference(self) -> bool:
+        return self.reference.stop > self.reference.start
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """A hashable identity (slices are not hashable before Python 3.12)."""
+        return (self.length, *(getattr(part, end) for part in (self.text, self.latent, self.reference)
+                               for end in ("start", "stop")))
+
+
+@dataclass(frozen=True, eq=False)
+class JointLayout(SequenceLayout):
+    """OminiControl's sequence [text | latent | condition]; all counts derived from tensor shapes."""
+
+    def __init__(self, num_text: int, num_latent: int, num_condition: int) -> None:
+        end = num_text + num_latent
+        super().__init__(end + num_condition, slice(0, num_text), slice(num_text, end), slice(end, end + num_condition))
+
+    @property
+    def num_text(self) -> int:
+        return self.text.stop
+
+    @property
+    def num_latent(self) -> int:
+        return self.latent.stop - self.latent.start
+
+    @property
+    def num_condition(self) -> int:
+        return self.reference.stop - self.reference.start
 
 
 @dataclass
@@ -51,12 +79,12 @@ class FluxCall:
     _bias: dict[tuple, Tensor] = field(default_factory=dict)
     _weights: dict[tuple, Tensor] = field(default_factory=dict)
 
-    def bias(self, layout: JointLayout, condition_scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def bias(self, layout: SequenceLayout, condition_scale: float, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The additive bias for the current mask and scale, built once until either changes."""
-        key = (layout, condition_scale, device, dtype)
+        key = (layout.key, condition_scale, device, dtype)
         if key not in self._bias:
-            bias = flux_condition_bias(layout.num_text, layout.num_latent, layout.num_condition, self.spans,
-                                       condition_scale, self.concept_mask, device)
+            bias = reference_bias(layout.length, layout.text, layout.latent, layout.reference, self.spans,
+                                  condition_scale, self.concept_mask, device)
             self._bias[key] = bias.to(dtype)
         return self._bias[key]
 
@@ -79,13 +107,12 @@ class FluxConceptrolAttention:
     def __init__(self, reads_mask: bool) -> None:
         self.reads_mask = reads_mask
 
-    def attend(self, call: FluxCall, query: Tensor, key: Tensor, value: Tensor, layout: JointLayout,
+    def attend(self, call: FluxCall, query: Tensor, key: Tensor, value: Tensor, layout: SequenceLayout,
                condition_scale: float) -> Tensor:
         """softmax(QKᵀ/√d + bias) V for q, k, v of shape [B, H, L, d] (after RoPE); reads Â where assigned."""
         bias = call.bias(layout, condition_scale, query.device, query.dtype)  # [B or 1, 1, L, L]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         if self.reads_mask and call.spans is not None:
-            text = slice(0, layout.num_text)
-            weights = call.span_weights(layout.num_text, query.device)
-            call.update_mask(flux_concept_mask(query[:, :, layout.latent], key[:, :, text], weights))
+            weights = call.span_weights(layout.text.stop - layout.text.start, query.device)
+            call.update_mask(flux_concept_mask(query[:, :, layout.latent], key[:, :, layout.text], weights))
         return out

@@ -1,0 +1,302 @@
+"""Conceptrol for FLUX.1's other reference adapters (ALGORITHM.md section 4), on the stock diffusers pipelines.
+
+- XLabs IP-Adapter: a FluxPipeline after `pipe.load_ip_adapter(...)`; the branch output is gated by M.
+- FLUX.1 Kontext: a FluxKontextPipeline; the reference's VAE tokens follow the latent tokens.
+- FLUX.1 Redux: a FluxPipeline with its text encoders, plus a FluxPriorReduxPipeline for the reference's
+  SigLIP tokens, appended after the prompt's 512 T5 tokens.
+Each handle installs `FluxBlockProcessor`s on every block (removed exactly by `remove()`), follows the steps
+with a chained `callback_on_step_end` and the passes with a forward pre-hook, and passes every keyword of
+the wrapped pipeline through.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+
+from .backends.ominicontrol import block_names
+from .callbacks import chain_step_callback
+from .concepts import ResolvedConcepts, as_span, resolve_concepts
+from .config import CONCEPT_LAYERS, ConceptrolConfig
+from .errors import ConceptrolError
+from .processors.flux import SequenceLayout
+from .processors.flux_blocks import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode
+from .state import ConceptMasks
+
+REREAD_BLOCKS = ("single_transformer_blocks.18", "single_transformer_blocks.37")  # as the reference re-reads
+PROCESSOR_SUFFIX = ".attn.processor"
+MAX_T5_TOKENS = 512
+
+
+class FluxAdapterHandle:
+    """Shared by the three adapters: install, call (spans, steps, passes), masks, remove."""
+
+    mode: Mode = "bias"
+    name = "this FLUX adapter"
+    reference_keyword = "image"  # the keyword that carries the reference image
+    local_masking = False  # whether masking="local" makes sense for this adapter
+
+    def __init__(self, pipe: Any, config: ConceptrolConfig) -> None:
+        if config.masking == "local" and not self.local_masking:
+            raise ConceptrolError(f"{self.name} has no local masking; use masking='global' (Conceptrol) or 'none'")
+        transformer = pipe.transformer
+        blocks = block_names(transformer)
+        _check_block(config.concept_layer, blocks)
+        rereads = [b for b in REREAD_BLOCKS if b in blocks] if config.concept_layer == CONCEPT_LAYERS["flux"] else []
+        reading = {config.concept_layer, *rereads}
+        self.pipe, self.config = pipe, config
+        self.state = FluxAdapterState(config, self.mode)
+        self._saved = dict(transformer.attn_processors)
+        installed = {}
+        for key, processor in self._saved.items():
+            block = key.removesuffix(PROCESSOR_SUFFIX)
+            installed[key] = FluxBlockProcessor(processor, self.state, block, block in reading, block == config.concept_layer)
+        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
+        self._installed = installed
+        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self.masks: ConceptMasks | None = None
+
+    def __call__(self, prompt: str | list[str] | None = None, concepts: list | None = None, **kwargs: Any) -> Any:
+        """Run the pipeline under Conceptrol; `concepts` holds one concept per reference image."""
+        if self._hook is None:
+            raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
+        if concepts is None:
+            raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt per reference image")
+        _check_sizes(self.pipe, kwargs)
+        num_references = self._check_call(prompt, kwargs)
+        resolved = self._resolve(prompt, concepts, kwargs, num_references)
+        masking = self.config.masking != "none"
+        self.state.call = AdapterCall(spans=resolved.spans if masking else None,
+                                      total_steps=int(kwargs.get("num_inference_steps") or 28))
+        try:
+            return self._run(prompt, chain_step_callback(kwargs, self._on_step_end))
+        finally:
+            call, self.state.call = self.state.call, None
+            self.masks = self._masks(call, resolved.labels)
+
+    def remove(self) -> None:
+        """Restore the exact processor objects that were there before; idempotent."""
+        if self._hook is None:
+            return
+        transformer = self.pipe.transformer
+        current = transformer.attn_processors
+        if all(current.get(k) is p for k, p in self._installed.items()):
+            transformer.set_attn_processor(dict(self._saved))
+        else:
+            import warnings
+
+            warnings.warn("the transformer's attention processors were replaced after apply_conceptrol (e.g. by "
+                          "unload_ip_adapter); they are left as they are now", stacklevel=2)
+        self._hook.remove()
+        self._hook = None
+
+    # What differs per adapter.
+    def _check_call(self, prompt: Any, kwargs: dict) -> int:
+        """Check the call's reference keywords; returns the number of reference images."""
+        image = kwargs.get(self.reference_keyword)
+        if image is None:
+            raise ConceptrolError(f"pass {self.reference_keyword}=<the reference image> to {self.name}")
+        if isinstance(image, (list, tuple)) and len(image) != 1:
+            raise ConceptrolError(f"{self.name} takes one reference image per call, got {len(image)}")
+        return 1
+
+    def _run(self, prompt: Any, kwargs: dict) -> Any:
+        return self.pipe(prompt=prompt, **kwargs)
+
+    def _layout(self, kwargs: dict) -> SequenceLayout:
+        raise NotImplementedError
+
+    # Shared machinery.
+    def _resolve(self, prompt: Any, concepts: list, kwargs: dict, num_references: int) -> ResolvedConcepts:
+        """The concepts' spans in the T5 tokens of every sample: the T5 prompt is prompt_2 when given, else prompt."""
+        t5_prompt = kwargs.get("prompt_2") or prompt
+        prompts = [t5_prompt] if isinstance(t5_prompt, str) else (list(t5_prompt) if t5_prompt is not None else None)
+        embeds = kwargs.get("prompt_embeds")
+        if prompts is None and embeds is None:
+            raise ConceptrolError("pass prompt (or prompt_embeds with concepts as (start, end) T5 token spans)")
+        num_prompts = len(prompts) if prompts is not None else embeds.shape[0]
+        samples = num_prompts * int(kwargs.get("num_images_per_prompt") or 1)
+        resolved = resolve_concepts(self.pipe.tokenizer_2, prompts, concepts, samples,
+                                    max_length=int(kwargs.get("max_sequence_length") or MAX_T5_TOKENS))
+        if len(resolved.spans[0]) != num_references:
+            raise ConceptrolError(f"got {len(resolved.spans[0])} concept(s) for {num_references} reference image(s); "
+                                  "pass exactly one concept per reference image, in the same order")
+        if embeds is not None:
+            for spans in resolved.spans:
+                for span in spans:
+                    as_span(span, num_text_tokens=embeds.shape[1])
+        return resolved
+
+    def _on_step_end(self, step: int) -> None:
+        call = self.state.call
+        call.step, call.passes = step + 1, 0
+
+    def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Each transformer call: which pass it is, the sequence layout and the latent grid, the steps run."""
+        call = self.state.call
+        if call is None:
+            return
+        call.passes += 1
+        call.layout = self._layout(kwargs)
+        ids = kwargs.get("img_ids")
+        if ids is not None:
+            ids = ids[0] if ids.ndim == 3 else ids
+            latent = ids[ids[:, 0] == 0]  # a reference's ids (Kontext) have first coordinate 1
+            call.grid = (int(latent[:, 1].max()) + 1, int(latent[:, 2].max()) + 1)
+        steps = getattr(self.pipe, "_num_timesteps", None)
+        if isinstance(steps, int) and steps > 0:
+            call.total_steps = steps
+
+    def _masks(self, call: AdapterCall | None, labels: list[list[str]]) -> ConceptMasks | None:
+        if call is None or not call.records or call.grid is None:
+            return None
+        masks = torch.stack([m.float().cpu().reshape(m.shape[0], -1, *call.grid) for m in call.records])
+        return ConceptMasks(masks=masks, concepts=labels, layer=self.config.concept_layer)
+
+
+def _check_sizes(pipe: Any, kwargs: dict) -> None:
+    """Output sizes in whole latent patches (16 px on FLUX.1: the VAE's factor 8, packed 2x2)."""
+    multiple = pipe.vae_scale_factor * 2
+    for name in ("height", "width"):
+        value = kwargs.get(name)
+        if value is not None and (value < multiple or value % multiple):
+            raise ConceptrolError(f"{name} must be a positive multiple of {multiple} pixels for this model, got {value}")
+
+
+def _check_block(block: str, blocks: list[str]) -> None:
+    if block in blocks:
+        return
+    close = difflib.get_close_matches(block, blocks, n=3)
+    raise ConceptrolError(f"concept block {block!r} is not a block of this transformer"
+                          + (f"; did you mean one of {close}?" if close else f"; it has {len(blocks)} blocks"))
+
+
+def _joint_sizes(kwargs: dict) -> tuple[int, int]:
+    """(text tokens, image tokens) of a transformer call, from its tensors."""
+    return kwargs["encoder_hidden_states"].shape[1], kwargs["hidden_states"].shape[1]
+
+
+class XLabsIPAdapterHandle(FluxAdapterHandle):
+    """FluxPipeline with XLabs' IP-Adapter (`pipe.load_ip_adapter`): the branch output gated by M (section 4 (a))."""
+
+    mode = "gate"
+    reference_keyword = "ip_adapter_image"
+    local_masking = True
+    name = "the FLUX IP-Adapter"
+
+    def _check_call(self, prompt: Any, kwargs: dict) -> int:
+        adapters = self.pipe.transformer.encoder_hid_proj.num_ip_adapters
+        images, embeds = kwargs.get("ip_adapter_image"), kwargs.get("ip_adapter_image_embeds")
+        if images is None and embeds is None:
+            raise ConceptrolError("pass ip_adapter_image=<the reference image> (one per loaded IP-Adapter) or "
+                                  "ip_adapter_image_embeds")
+        given = images if images is not None else embeds
+        count = len(given) if isinstance(given, (list, tuple)) else 1
+        if count != adapters:
+            raise ConceptrolError(f"got {count} reference image(s) for {adapters} loaded IP-Adapter(s); pass one "
+                                  "reference per adapter (a list when several adapters are loaded)")
+        return adapters
+
+    def _layout(self, kwargs: dict) -> SequenceLayout:
+        text, image = _joint_sizes(kwargs)
+        return SequenceLayout(text + image, slice(0, text), slice(text, text + image), slice(text + image, text + image))
+
+
+class KontextHandle(FluxAdapterHandle):
+    """FluxKontextPipeline: [text | latent | reference] with section 2's bias on the reference (section 4 (b))."""
+
+    name = "FLUX.1 Kontext"
+
+    def _layout(self, kwargs: dict) -> SequenceLayout:
+        text, image = _joint_sizes(kwargs)
+        ids = kwargs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        latent = int((ids[:, 0] == 0).sum())  # the reference's ids have first coordinate 1
+        end = text + latent
+        return SequenceLayout(text + image, slice(0, text), slice(text, end), slice(end, text + image))
+
+
+class ReduxHandle(FluxAdapterHandle):
+    """FluxPipeline + FluxPriorReduxPipeline: [T5 | Redux | latent] with section 2's bias (section 4 (b)).
+
+    The prompt is encoded by the FLUX pipeline's own text encoders and the reference's tokens are appended after
+    its T5 tokens, as FluxPriorReduxPipeline does when it has text encoders.
+    """
+
+    name = "FLUX.1 Redux"
+
+    def __init__(self, pipe: Any, config: ConceptrolConfig, prior: Any) -> None:
+        self.prior = prior
+        super().__init__(pipe, config)
+
+    def _check_call(self, prompt: Any, kwargs: dict) -> int:
+        for key in ("prompt_embeds", "pooled_prompt_embeds"):
+            if kwargs.get(key) is not None:
+                raise ConceptrolError(f"with Redux the handle builds {key} itself (the prompt's T5 tokens, then the "
+                                      "reference's); pass prompt instead")
+        return super()._check_call(prompt, kwargs)
+
+    def _run(self, prompt: Any, kwargs: dict) -> Any:
+        image = kwargs.pop("image")
+        image = image[0] if isinstance(image, (list, tuple)) else image
+        pipe, prior = self.pipe, self.prior
+        device = pipe._execution_device
+        length = int(kwargs.pop("max_sequence_length", None) or MAX_T5_TOKENS)
+        with torch.no_grad():  # as the pipelines encode (grad mode changes the encoders' round-off)
+            text, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=kwargs.pop("prompt_2", None), device=device,
+                                                 num_images_per_prompt=1, max_sequence_length=length)
+            tokens = prior.image_embedder(prior.encode_image(image, device, 1)).image_embeds.to(device)  # [1, R, D]
+        embeds = torch.cat([text, tokens.expand(text.shape[0], -1, -1).to(text.dtype)], dim=1)  # [B, T5 + R, D]
+        self.state.call.num_t5 = text.shape[1]
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, max_sequence_length=length, **kwargs)
+
+    def _layout(self, kwargs: dict) -> SequenceLayout:
+        text, image = _joint_sizes(kwargs)
+        t5 = min(self.state.call.num_t5 or text, text)  # a negative prompt's pass has no reference tokens
+        return SequenceLayout(text + image, slice(0, t5), slice(text, text + image), slice(t5, text))
+
+
+def flux_handle(pipe: Any, config: ConceptrolConfig, redux: Any = None) -> Any:
+    """The handle for the one reference adapter `pipe` carries (or `redux` brings); clear errors otherwise."""
+    from .backends.ominicontrol import lora_layers
+    from .flux_handle import LORA_HINT, FluxConceptrolHandle
+
+    transformer = pipe.transformer
+    carried = {
+        "the OminiControl LoRA": bool(lora_layers(transformer)),
+        "an IP-Adapter": any(hasattr(p, "to_k_ip") for p in transformer.attn_processors.values()),
+        "FLUX.1 Kontext": "Kontext" in type(pipe).__name__,
+        "a Redux prior": redux is not None,
+    }
+    found = [name for name, present in carried.items() if present]
+    if len(found) > 1:
+        raise ConceptrolError(f"this FLUX pipeline carries {' and '.join(found)}; Conceptrol follows one reference "
+                              "adapter at a time: unload the other (pipe.unload_lora_weights(), pipe.unload_ip_adapter()) "
+                              "or use a separate pipeline")
+    if not found:
+        raise ConceptrolError(
+            "this FLUX pipeline has no reference adapter; either " + LORA_HINT + ", or load XLabs' IP-Adapter "
+            '(pipe.load_ip_adapter("XLabs-AI/flux-ip-adapter", weight_name="ip_adapter.safetensors", '
+            'image_encoder_pretrained_model_name_or_path="openai/clip-vit-large-patch14")), or use a '
+            "FluxKontextPipeline, or pass redux=FluxPriorReduxPipeline.from_pretrained(...)")
+    if carried["the OminiControl LoRA"]:
+        return FluxConceptrolHandle(pipe, config)
+    if carried["an IP-Adapter"]:
+        return XLabsIPAdapterHandle(pipe, config)
+    if carried["FLUX.1 Kontext"]:
+        return KontextHandle(pipe, config)
+    _check_redux(pipe, redux)
+    return ReduxHandle(pipe, config, redux)
+
+
+def _check_redux(pipe: Any, prior: Any) -> None:
+    if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "text_encoder", None) is None:
+        raise ConceptrolError("FLUX.1 Redux with Conceptrol reads the concept from the prompt, so the FLUX pipeline "
+                              "needs its text encoders: load FluxPipeline with them (not text_encoder=None, "
+                              "text_encoder_2=None as Redux's own examples do)")
+    for part in ("image_encoder", "feature_extractor", "image_embedder"):
+        if getattr(prior, part, None) is None:
+            raise ConceptrolError(f"redux= must be a FluxPriorReduxPipeline with its {part}; load it with "
+                                  'FluxPriorReduxPipeline.from_pretrained("black-forest-labs/FLUX.1-Redux-dev")')

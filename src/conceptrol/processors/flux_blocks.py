@@ -1,0 +1,296 @@
+"""Conceptrol on diffusers' own FLUX forward (ALGORITHM.md section 4): one processor per transformer block.
+
+Each processor wraps the one diffusers put on its block (FluxAttnProcessor, or FluxIPAdapterAttnProcessor
+after `pipe.load_ip_adapter`) and is installed with `set_attn_processor`; its role is fixed by block name
+at install. Two ways a reference acts:
+- "gate" (XLabs IP-Adapter): the double blocks add `scale · IP[n]`; Conceptrol multiplies it by
+  M[n] = r[n] / (max r + 1e-6).
+- "bias" (Kontext, Redux): the reference tokens are in the joint sequence; every block's attention gets
+  section 2's additive bias with them as the condition, log Â mean-normalised.
+Attention stays on diffusers' `dispatch_attention_fn` with an additive float mask; explicit probabilities are
+computed only for the latent-to-text logits at the blocks that read (or, with the IP-Adapter, compute a local
+mask). Outside a handle's call, and whenever Conceptrol changes nothing, the wrapped processor runs as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import Tensor
+
+from ..config import ConceptrolConfig, adapter_active
+from ..masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
+from .flux import OUTSIDE_WINDOW_SCALE, SequenceLayout
+
+try:  # diffusers' own projection helper (handles fused projections); the plain projections otherwise
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+except ImportError:  # pragma: no cover - older diffusers
+    def _get_qkv_projections(attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None) -> tuple:
+        context = [None] * 3
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            context = [attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                       attn.add_v_proj(encoder_hidden_states)]
+        return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states), *context
+
+Mode = Literal["gate", "bias"]
+
+
+@dataclass
+class AdapterCall:
+    """One call of a FLUX adapter handle: spans, where the denoising loop is, and the latest mask."""
+
+    spans: list[list[slice]] | None  # [sample][concept] spans in the T5 tokens (0-based); None = masking off
+    total_steps: int  # best guess until the pipeline reports the steps it really runs
+    num_t5: int | None = None  # Redux: the T5 tokens before the reference tokens in the text stream
+    step: int = 0
+    passes: int = 0  # transformer calls in this step: the first is the positive pass, a second the true-CFG negative
+    layout: SequenceLayout | None = None  # of the running transformer call
+    grid: tuple[int, int] | None = None  # (rows, cols) of the latent tokens
+    mask: Tensor | None = None  # the latest read: M [B, J, N] (gate) or Â [B, N] (bias)
+    records: list[Tensor] = field(default_factory=list)  # the concept block's read of every step
+    local_masks: dict[str, Tensor] = field(default_factory=dict)  # local masking: each block's M in this step
+    _bias: dict[tuple, Tensor] = field(default_factory=dict)
+    _weights: dict[tuple, Tensor] = field(default_factory=dict)
+
+    @property
+    def negative(self) -> bool:
+        """The running transformer call is a true-CFG negative pass: it reads no mask."""
+        return self.passes > 1
+
+    def weights(self, num_text: int, device: torch.device) -> Tensor:
+        """[B, J, T] span-averaging weights over the T5 tokens, built once per call."""
+        key = (num_text, device)
+        if key not in self._weights:
+            for sample in self.spans:
+                for span in sample:
+                    if span.stop > num_text:
+                        raise ValueError(f"concept span {span.start}..{span.stop} is past the {num_text} T5 tokens")
+            self._weights[key] = span_weights(self.spans, num_text, device)
+        return self._weights[key]
+
+    def store(self, mask: Tensor, record: bool) -> None:
+        self.mask = mask
+        self._bias = {}
+        if record:
+            self.records.append(mask.detach())
+
+    def bias(self, layout: SequenceLayout, scale: float, conceptrol: bool, device: torch.device,
+             dtype: torch.dtype) -> Tensor:
+        """Section 2's table for this layout, scale and the current Â; built once until one of them changes."""
+        key = (layout.key, scale, conceptrol, device, dtype)
+        if key not in self._bias:
+            spans = [sample[0] for sample in self.spans] if conceptrol else None
+            bias = reference_bias(layout.length, layout.text, layout.latent, layout.reference, spans, scale,
+                                  self.mask if conceptrol else None, device)
+            self._bias[key] = bias.to(dtype)
+        return self._bias[key]
+
+
+class FluxAdapterState:
+    """Owned by one handle; its processors read and write the running call through it."""
+
+    def __init__(self, config: ConceptrolConfig, mode: Mode) -> None:
+        self.config, self.mode = config, mode
+        self.call: AdapterCall | None = None
+
+    @property
+    def masking(self) -> bool:
+        call = self.call
+        return call is not None and call.spans is not None and self.config.masking != "none"
+
+    def active(self) -> bool:
+        call = self.call
+        return adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
+
+    def reference_scale(self) -> float:
+        """c for the bias mode: the requested strength inside the window, 0.5 outside (section 2)."""
+        c = 1.0 if self.config.scale is None else self.config.scale
+        return c if self.active() else OUTSIDE_WINDOW_SCALE
+
+
+@dataclass
+class _Attention:
+    """A block's joint attention, split as diffusers splits it."""
+
+    query: Tensor  # [B, L, H, d] after the q/k norms and RoPE
+    key: Tensor
+    image_query: Tensor  # [B, N_img, H, d] after the norms, before RoPE (what the IP-Adapter attends with)
+    output: Tensor  # [B, L, H*d]
+
+
+class FluxBlockProcessor(torch.nn.Module):
+    """Conceptrol's processor for one block; whether it reads the mask is fixed by its name at install.
+
+    Wrapping an IP-Adapter processor, it shares `to_k_ip`, `to_v_ip` and `scale` with it by reference, so
+    state dicts, `pipe.set_ip_adapter_scale` and `unload_ip_adapter` keep working.
+    """
+
+    def __init__(self, wrapped: Any, state: FluxAdapterState, name: str, reads: bool, is_concept_block: bool) -> None:
+        torch.nn.Module.__init__(self)
+        object.__setattr__(self, "wrapped", wrapped)  # not a submodule: no duplicate state-dict keys
+        self.state = state
+        self.name = name
+        self.reads = reads
+        self.is_concept_block = is_concept_block
+        self.gates = hasattr(wrapped, "to_k_ip")  # the XLabs IP-Adapter's double blocks
+        if self.gates:
+            self.to_k_ip, self.to_v_ip = wrapped.to_k_ip, wrapped.to_v_ip
+
+    @property
+    def scale(self) -> list:
+        """The wrapped IP-Adapter processor's scales: `pipe.set_ip_adapter_scale` keeps working."""
+        return self.wrapped.scale
+
+    @scale.setter
+    def scale(self, value: list) -> None:
+        self.wrapped.scale = value
+
+    @property
+    def _attention_backend(self) -> Any:  # `transformer.set_attention_backend` reaches the wrapped processor
+        return getattr(self.wrapped, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.wrapped._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.wrapped, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.wrapped._parallel_config = value
+
+    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None,
+                 ip_hidden_states: list[Tensor] | None = None, ip_adapter_masks: Tensor | None = None) -> Any:
+        call = self.state.call
+        if call is None or not self._changes_anything(call):
+            extra = {"ip_hidden_states": ip_hidden_states} if self.gates else {}
+            return self.wrapped(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+        layout = call.layout
+        bias = self._bias(call, layout, hidden_states.device, hidden_states.dtype) if self.state.mode == "bias" else None
+        joint = _attend(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                        bias if bias is not None else attention_mask, self.wrapped)
+        mask = self._read(call, joint, layout)
+        return self._outputs(attn, joint, encoder_hidden_states, ip_hidden_states, mask, call)
+
+    def _changes_anything(self, call: AdapterCall) -> bool:
+        """False when the stock processor gives the same result (then it runs, bit for bit)."""
+        state, layout = self.state, call.layout
+        if layout is None:
+            return False
+        if state.mode == "bias":
+            return layout.has_reference and (state.masking or state.reference_scale() != 1.0)
+        if state.masking:
+            return self.reads or self.gates
+        return self.gates and (state.config.scale is not None or not state.active())
+
+    def _bias(self, call: AdapterCall, layout: SequenceLayout, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        if not layout.has_reference:  # e.g. Redux's negative pass: text only, nothing to confine
+            return None
+        scale, conceptrol = self.state.reference_scale(), self.state.masking
+        if not conceptrol and scale == 1.0:
+            return None
+        return call.bias(layout, scale, conceptrol, device, dtype)
+
+    def _read(self, call: AdapterCall, joint: _Attention, layout: SequenceLayout) -> Tensor | None:
+        """Read the concept mask where this block reads; returns the gate mask this block applies (gate mode).
+
+        A true-CFG negative pass reads none: it keeps the mask its step's positive pass left.
+        """
+        state = self.state
+        if not state.masking:
+            return None
+        if state.mode == "bias":
+            if self.reads and not call.negative:
+                weights = self._weights(call, layout, joint)[:, 0]
+                call.store(flux_concept_mask(*_latent_and_text(joint, layout), weights), record=self.is_concept_block)
+            return None
+        if state.config.masking == "local":
+            return self._local_gate(call, joint, layout)
+        if (call.negative or not self.reads) and call.mask is not None:  # the latest read (from the call's first on)
+            return call.mask
+        mask = flux_gate_mask(*_latent_and_text(joint, layout), self._weights(call, layout, joint))  # [B, J, N]
+        if self.reads and not call.negative:
+            call.store(mask, record=self.is_concept_block)
+        return mask
+
+    def _local_gate(self, call: AdapterCall, joint: _Attention, layout: SequenceLayout) -> Tensor | None:
+        """Local masking: each double block its own M; a negative pass reuses the block's mask of the positive pass."""
+        if not self.gates:
+            return None
+        if call.negative and self.name in call.local_masks:
+            return call.local_masks[self.name]
+        mask = flux_gate_mask(*_latent_and_text(joint, layout), self._weights(call, layout, joint))
+        call.local_masks[self.name] = mask
+        if self.is_concept_block and not call.negative:
+            call.records.append(mask.detach())
+        return mask
+
+    @staticmethod
+    def _weights(call: AdapterCall, layout: SequenceLayout, joint: _Attention) -> Tensor:
+        return call.weights(layout.text.stop - layout.text.start, joint.query.device)
+
+    def _outputs(self, attn: Any, joint: _Attention, encoder_hidden_states: Tensor | None,
+                 ip_hidden_states: list[Tensor] | None, mask: Tensor | None, call: AdapterCall) -> Any:
+        """As diffusers' processors return them: the image part (and the text part, and the IP-Adapter's output)."""
+        hidden = joint.output
+        if encoder_hidden_states is None:
+            return hidden
+        text, image = hidden.split_with_sizes([encoder_hidden_states.shape[1], hidden.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        text = attn.to_add_out(text.contiguous())
+        if not self.gates:
+            return image, text
+        return image, text, self._ip_branch(attn, joint.image_query, ip_hidden_states, mask, call)
+
+    def _ip_branch(self, attn: Any, image_query: Tensor, ip_hidden_states: list[Tensor] | None, mask: Tensor | None,
+                   call: AdapterCall) -> Tensor:
+        """Σ_i scale_i · M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i (diffusers' FluxIPAdapterAttnProcessor, gated)."""
+        batch, tokens = image_query.shape[:2]
+        output = image_query.new_zeros(batch, tokens, attn.heads * attn.head_dim)
+        if ip_hidden_states is None or not self.state.active():
+            return output  # outside the window the adapter scale is 0
+        override = self.state.config.scale
+        for index, (states, scale, to_k, to_v) in enumerate(zip(ip_hidden_states, self.wrapped.scale,
+                                                                 self.wrapped.to_k_ip, self.wrapped.to_v_ip)):
+            key = to_k(states).view(batch, -1, attn.heads, attn.head_dim)
+            value = to_v(states).view(batch, -1, attn.heads, attn.head_dim)
+            branch = dispatch_attention_fn(image_query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                           backend=self.wrapped._attention_backend,
+                                           parallel_config=self.wrapped._parallel_config)
+            branch = branch.reshape(batch, -1, attn.heads * attn.head_dim).to(image_query.dtype)
+            weight = scale if override is None else override
+            if mask is not None:  # [B, J, N]: this adapter's concept
+                branch = branch * mask[:, index, :, None].to(branch.dtype)
+            output = output + weight * branch
+        return output
+
+
+def _latent_and_text(joint: _Attention, layout: SequenceLayout) -> tuple[Tensor, Tensor]:
+    """The latent queries [B, H, N, d] and the T5 text keys [B, H, T5, d], as they enter the attention."""
+    return joint.query[:, layout.latent].transpose(1, 2), joint.key[:, layout.text].transpose(1, 2)
+
+
+def _attend(attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None, rotary: Any,
+            attn_mask: Tensor | None, wrapped: Any) -> _Attention:
+    """diffusers' FluxAttnProcessor up to the attention output (transformer_flux.py), with an additive mask."""
+    query, key, value, text_query, text_key, text_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))  # [B, N, H, d]
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    image_query = query
+    if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+        text_query, text_key, text_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (text_query, text_key, text_value))
+        text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+        query, key, value = (torch.cat(pair, dim=1) for pair in ((text_query, query), (text_key, key), (text_value, value)))
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    output = dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=getattr(wrapped, "_attention_backend", None),
+                                   parallel_config=getattr(wrapped, "_parallel_config", None))
+    return _Attention(query, key, image_query, output.flatten(2, 3).to(query.dtype))
