@@ -80,7 +80,7 @@ def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path, capsys, c
     (["--limit", "-1"], "--limit must be at least 1"),
     (["--seeds", "-3"], "seed must be an integer from 0 to 2**63-1"),
     (["--scale", "inf"], "scale must be a finite number >= 0"),
-    (["--method", "ominicontrol"], "--method ominicontrol does not apply to this sd15 model; its baseline is ip-adapter"),
+    (["--method", "ominicontrol"], "--method ominicontrol does not apply to this model and adapter (sd15); its baseline is ip-adapter"),
     (["--method", "ip-adapter", "--start", "0.3"], "--start is Conceptrol's warm-up"),
     (["--judge-url", "http://127.0.0.1:9/v1", "--judge-runs", "0"], "--judge-runs must be from 1 to 20"),
     (["--judge-model", "gpt-4o"], "pass --judge-url too"),

@@ -43,7 +43,7 @@ def test_a_saved_sd15_folder_lists_the_u_nets_cross_attention_layers_without_wei
 @pytest.mark.parametrize("changes,message", [
     (dict(negative_prompt="blurry"), "--negative-prompt applies to SD 1.5 / SDXL"),
     (dict(guidance=3.5), "--guidance applies to guidance-distilled models"),
-    (dict(masking="local"), "FLUX has no local masking"),
+    (dict(masking="local"), "OminiControl has no local masking"),
     (dict(concept=("dog", "wave"), image=(Path("a.png"), Path("b.png"))), "OminiControl (FLUX) takes one reference image"),
     (dict(size=(72, 64)), "multiples of 16"),
     (dict(adapter="plus"), "unknown adapter 'plus' for flux; choose one of subject, subject-1024"),

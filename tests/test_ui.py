@@ -175,7 +175,7 @@ def test_nothing_loads_until_the_first_request_then_one_model_at_a_time(referenc
     assert first() is None  # the SD pipeline was released, not kept beside FLUX
 
 
-@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-flux", "tiny-flux-ip", "tiny-flux-kontext", "tiny-flux-redux"])
 def test_comparison_is_vanilla_and_conceptrol_with_the_same_seed(reference_file, model):
     backend = LocalBackend(DEMO_CHOICES)
     reports = []
@@ -201,7 +201,7 @@ def test_flux_with_two_references_is_refused_before_loading(reference_file):
     backend = LocalBackend(DEMO_CHOICES, loader=loader)
     request = demo_request(reference_file, model="tiny-flux", references=(reference_file, reference_file),
                            concepts=(Concept("dog"), Concept("wave")))
-    with pytest.raises(ConceptrolError, match="takes one reference image, got 2"):
+    with pytest.raises(ConceptrolError, match="take one reference image, got 2"):
         backend(request, lambda *_: None)
     assert loader.loaded == []
 

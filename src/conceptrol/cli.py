@@ -35,10 +35,12 @@ def _size(text: str) -> tuple[int, int]:
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
     """Flags `generate` and `evaluate` share (same names as GenerateSettings' fields)."""
-    parser.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, a hub id or a local folder (default: sd15)")
-    parser.add_argument("--adapter", help="IP-Adapter: base, plus, plus-face, full-face (default plus); "
-                                          "FLUX: subject, subject-1024 (default subject)")
-    parser.add_argument("--adapter-repo", help="hub id or local copy of h94/IP-Adapter (SD) or Yuanshi/OminiControl (FLUX)")
+    parser.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, flux-kontext, a hub id or a local "
+                                                        "folder (default: sd15)")
+    parser.add_argument("--adapter", help="SD: base, plus, plus-face, full-face (default plus); FLUX.1: subject, "
+                                          "subject-1024 (OminiControl, the default), xlabs-ip, redux; Kontext: none")
+    parser.add_argument("--adapter-repo", help="hub id or local copy of the adapter's repository: h94/IP-Adapter, "
+                                               "Yuanshi/OminiControl, XLabs-AI/flux-ip-adapter, FLUX.1-Redux-dev")
     parser.add_argument("--concept-layer", help="layer (SD) or block (FLUX) that reads the mask (default: the preset)")
     parser.add_argument("--start", type=float, help="fraction of steps before Conceptrol's adapter acts "
                                                     "(default: 0.2; FLUX 0); baselines always start at 0")
@@ -48,7 +50,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
                                                        "SDXL; FLUX.1-dev 3.5; not for FLUX.1-schnell)")
     parser.add_argument("--negative-prompt", help=f"SD only (default: the paper's, {NEGATIVE_PROMPT!r})")
     parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
-    parser.add_argument("--condition-size", type=int, help="FLUX only: the reference's square size (default: 512)")
+    parser.add_argument("--condition-size", type=int, help="OminiControl: the reference's square size (default: 512); "
+                                                           "Kontext: its longer side (default: Kontext's own ~1 MP)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, bf16 for FLUX, fp32 on CPU), fp32, fp16, bf16")
 
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-masks", action="store_true", help="also save concept-mask overlays")
     ev = commands.add_parser("evaluate", help="generate and score a benchmark (resumable; shard with accelerate launch)")
     ev.add_argument("--benchmark", type=Path, required=True, help="DreamBench++ folder or .jsonl/.csv manifest")
-    ev.add_argument("--method", action="append", help="ip-adapter, ominicontrol, conceptrol (repeatable; default: "
-                                                      "ip-adapter and conceptrol)")
+    ev.add_argument("--method", action="append", help="a baseline (ip-adapter, ominicontrol, xlabs-ip, kontext, redux: "
+                                                      "the model's adapter as is) or conceptrol; repeatable (default: "
+                                                      "the model's baseline and conceptrol)")
     ev.add_argument("--scale", type=float, action="append", help="adapter scale (repeatable; default: 1.0)")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0])
     _generation_flags(ev)
@@ -91,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"))
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--model", default="sd15", choices=["sd15", "flux"], help="tiny SD 1.5 or tiny FLUX (default: sd15)")
+    demo.add_argument("--model", default="sd15", choices=["sd15", "flux", "flux-ip", "flux-kontext", "flux-redux"],
+                      help="tiny SD 1.5 with IP-Adapter, tiny FLUX with OminiControl, tiny FLUX.1 with XLabs' "
+                           "IP-Adapter, Kontext or Redux (default: sd15)")
     _ui_parser(commands)
     return parser
 
@@ -131,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     fields = _fields(args)
     settings = EvaluateSettings(**fields | {
-        "method": tuple(args.method or EvaluateSettings.method), "scale": tuple(args.scale or EvaluateSettings.scale),
+        "method": tuple(args.method or ()), "scale": tuple(args.scale or EvaluateSettings.scale),
         "seeds": tuple(args.seeds)})
     from .eval.evaluate import evaluate
 

@@ -66,7 +66,7 @@ def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
         return Checked(out, references)
     info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
     check_settings(settings, info)
-    check_adapter_source(info.architecture, settings.adapter, settings.adapter_repo)
+    check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
     from .loading import pick_device
 
     pick_device(settings.device)
@@ -96,34 +96,27 @@ def pipeline_for(settings: ModelSource | GenerateSettings, flags: dict[str, str]
 
 def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image],
                    on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
-    """Call `pipe` under Conceptrol with the settings, paper defaults filled in; the pipeline is left as found.
+    """Call `pipe` under Conceptrol with the settings, the adapter's defaults filled in; the pipeline is left as found.
 
-    `on_step(done, total)` is called after every denoising step (for progress bars).
+    `pipe` is any pipeline `pipeline_for` loads (for Redux, the pipeline and its prior). `on_step(done, total)` is
+    called after every denoising step (for progress bars).
     """
     import torch
 
-    from .flux_handle import is_flux_pipeline
-    from .install import apply_conceptrol, detect_architecture
+    from .install import apply_conceptrol
+    from .preflight import pipeline_profile
 
-    flux = is_flux_pipeline(pipe)
-    architecture = "flux" if flux else detect_architecture(pipe.unet)
-    values = resolved_values(settings, architecture)
+    profile = pipeline_profile(pipe)
+    values = resolved_values(settings, profile)
     config = ConceptrolConfig(masking=settings.masking, start=values["start"], end=settings.end,
                               concept_layer=settings.concept_layer, scale=values["scale"])
     common = dict(num_inference_steps=values["steps"], num_images_per_prompt=settings.num_images,
                   guidance_scale=values["guidance"], generator=torch.Generator("cpu").manual_seed(settings.seed))
     if on_step is not None:
         common["callback_on_step_end"] = _step_reporter(on_step, values["steps"])
-    handle = apply_conceptrol(pipe, config)
+    handle = apply_conceptrol(getattr(pipe, "pipe", pipe), config, redux=getattr(pipe, "prior", None))
     try:
-        if flux:
-            width, height = settings.size or (512, 512)
-            output = handle(settings.prompt, concepts=list(settings.concept), image=references[0], width=width,
-                            height=height, condition_size=values["condition_size"], **common)
-        else:
-            width, height = settings.size or (None, None)
-            output = handle(prompt=settings.prompt, concepts=list(settings.concept), ip_adapter_image=[references],
-                            negative_prompt=values["negative_prompt"], width=width, height=height, **common)
+        output = _call(handle, profile, settings, references, values, common)
     finally:
         handle.remove()
     images = list(output.images)
@@ -131,16 +124,50 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
     return GenerateResult(images=images, masks=handle.masks, parameters=_parameters(settings, values))
 
 
-def resolved_values(settings: GenerateSettings, architecture: str) -> dict[str, Any]:
-    """The settings that default per architecture (the paper's demo values), filled in."""
-    demo = PAPER_DEMO[architecture]
-    flux = architecture == "flux"
+def _call(handle: Any, profile: str, settings: GenerateSettings, references: list[Image.Image],
+          values: dict[str, Any], common: dict[str, Any]) -> Any:
+    """The handle called with each adapter's keywords for the reference and the size."""
+    concepts = list(settings.concept)
+    if profile in ("sd15", "sdxl"):
+        width, height = settings.size or (None, None)
+        return handle(prompt=settings.prompt, concepts=concepts, ip_adapter_image=[references],
+                      negative_prompt=values["negative_prompt"], width=width, height=height, **common)
+    default = (512, 512) if profile == "flux" else (None, None)  # OminiControl's; the others size as their pipelines do
+    width, height = settings.size or default
+    common |= {"width": width, "height": height}
+    if profile == "flux":
+        return handle(settings.prompt, concepts=concepts, image=references[0], condition_size=values["condition_size"],
+                      **common)
+    if profile == "flux-ip":
+        return handle(prompt=settings.prompt, concepts=concepts, ip_adapter_image=references[0], **common)
+    reference = references[0]
+    if profile == "flux-kontext":
+        if settings.size is not None:
+            common["max_area"] = width * height  # else Kontext scales the requested size to a megapixel
+        if values["condition_size"] is not None:  # the reference at this size instead of Kontext's preferred ones
+            reference = fit_longer_side(reference, values["condition_size"], handle.pipe.vae_scale_factor * 2)
+            common["_auto_resize"] = False
+    return handle(prompt=settings.prompt, concepts=concepts, image=reference, **common)
+
+
+def fit_longer_side(image: Image.Image, size: int, multiple: int) -> Image.Image:
+    """The image resized (bicubic) so its longer side is `size`, the aspect kept, both sides multiples of `multiple`."""
+    scale = size / max(image.size)
+    width, height = (max(multiple, round(side * scale / multiple) * multiple) for side in image.size)
+    return image.resize((width, height), Image.BICUBIC)
+
+
+def resolved_values(settings: GenerateSettings, profile: str) -> dict[str, Any]:
+    """The settings that default per model and adapter (settings.PAPER_DEMO), filled in."""
+    demo = PAPER_DEMO[profile]
+    flux = profile.startswith("flux")
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    return {"architecture": architecture, "scale": pick(settings.scale, demo["scale"]),
+    return {"architecture": profile, "scale": pick(settings.scale, demo["scale"]),
             "start": pick(settings.start, demo["start"]), "steps": pick(settings.steps, demo["steps"]),
             "guidance": pick(settings.guidance, demo["guidance"]),
             "negative_prompt": None if flux else pick(settings.negative_prompt, NEGATIVE_PROMPT),
-            "condition_size": pick(settings.condition_size, FLUX_CONDITION_SIZE) if flux else None}
+            "condition_size": {"flux": pick(settings.condition_size, FLUX_CONDITION_SIZE),
+                               "flux-kontext": settings.condition_size}.get(profile)}
 
 
 def _parameters(settings: GenerateSettings, values: dict[str, Any]) -> dict[str, Any]:

@@ -20,21 +20,23 @@ MODEL_PRESETS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux": "black-forest-labs/FLUX.1-schnell",
     "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
 }
-# Where each architecture's adapters live by default (a hub id, or pass a local copy).
-ADAPTER_REPOS = {"sd15": "h94/IP-Adapter", "sdxl": "h94/IP-Adapter", "flux": "Yuanshi/OminiControl"}
-DEFAULT_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject"}
 
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """Where one IP-Adapter variant lives inside h94/IP-Adapter (or a local copy of it)."""
+    """Where one adapter lives (a hub id by default, or a local copy of that repository) and how it loads."""
 
     subfolder: str
-    weight_name: str
-    image_encoder: str  # folder of the CLIP image encoder it was trained with, relative to the repo root
+    weight_name: str  # the file inside the repository (Redux: its pipeline's model_index.json)
+    image_encoder: str  # the image encoder: a folder of the repo (h94/IP-Adapter) or a hub id (XLabs: CLIP ViT-L)
+    repo: str = "h94/IP-Adapter"
+    kind: str = "ip-adapter"  # ip-adapter, ominicontrol, xlabs-ip, redux, or kontext (built into the model)
 
 
+OMINICONTROL, XLABS, REDUX = "Yuanshi/OminiControl", "XLabs-AI/flux-ip-adapter", "black-forest-labs/FLUX.1-Redux-dev"
+# Adapters per model family: sd15, sdxl, flux (FluxPipeline models) and flux-kontext (FluxKontextPipeline models).
 ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
     "sd15": {
         "base": AdapterWeights("models", "ip-adapter_sd15.safetensors", "models/image_encoder"),
@@ -47,11 +49,40 @@ ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
         "plus": AdapterWeights("sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder"),
         "plus-face": AdapterWeights("sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder"),
     },
-    "flux": {  # OminiControl subject LoRAs (no image encoder: the reference goes through FLUX's VAE)
-        "subject": AdapterWeights("", "omini/subject_512.safetensors", ""),
-        "subject-1024": AdapterWeights("", "omini/subject_1024_beta.safetensors", ""),
+    "flux": {  # OminiControl's subject LoRAs go through FLUX's VAE; XLabs' IP-Adapter and Redux have encoders
+        "subject": AdapterWeights("", "omini/subject_512.safetensors", "", OMINICONTROL, "ominicontrol"),
+        "subject-1024": AdapterWeights("", "omini/subject_1024_beta.safetensors", "", OMINICONTROL, "ominicontrol"),
+        "xlabs-ip": AdapterWeights("", "ip_adapter.safetensors", "openai/clip-vit-large-patch14", XLABS, "xlabs-ip"),
+        "redux": AdapterWeights("", "model_index.json", "", REDUX, "redux"),
     },
+    "flux-kontext": {"kontext": AdapterWeights("", "", "", "", "kontext")},  # the reference goes in the sequence
 }
+DEFAULT_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject", "flux-kontext": "kontext"}
+# What each adapter makes of a FLUX model: the profile that picks the front-ends' defaults (settings.PAPER_DEMO).
+FLUX_PROFILES = {"ominicontrol": "flux", "xlabs-ip": "flux-ip", "redux": "flux-redux", "kontext": "flux-kontext"}
+
+
+def profile_for(family: str, adapter: str | None) -> str:
+    """sd15, sdxl, flux (OminiControl), flux-ip, flux-redux or flux-kontext."""
+    if family in ("sd15", "sdxl"):
+        return family
+    return FLUX_PROFILES[adapter_weights(family, adapter or DEFAULT_ADAPTERS[family]).kind]
+
+
+@dataclass
+class ReduxPipelines:
+    """A FLUX pipeline and the FluxPriorReduxPipeline that turns the reference into tokens (FLUX.1 Redux)."""
+
+    pipe: Any
+    prior: Any
+
+    def to(self, device: Any) -> ReduxPipelines:
+        self.pipe.to(device)
+        self.prior.to(device)
+        return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self.pipe.set_progress_bar_config(**kwargs)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -140,42 +171,93 @@ def guess_architecture(model: str) -> str:
     return "sdxl" if "xl" in name else "sd15"
 
 
+def guess_family(model: str) -> str:
+    """guess_architecture, with 'flux-kontext' for Kontext models (from model_index.json or the name)."""
+    architecture = guess_architecture(model)
+    index = Path(model).expanduser() / "model_index.json"
+    name = MODEL_PRESETS.get(model, model).lower()
+    if index.is_file():
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "").lower()
+    return "flux-kontext" if architecture == "flux" and "kontext" in name else architecture
+
+
 def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, device: torch.device,
                   dtype: torch.dtype, flags: dict[str, str] | None = None) -> Any:
-    """A text-to-image pipeline with its adapter: IP-Adapter for SD 1.5 / SDXL, the OminiControl LoRA for FLUX.
+    """A pipeline with its adapter: IP-Adapter (SD 1.5 / SDXL); OminiControl's LoRA, XLabs' IP-Adapter or a Redux
+    prior (FLUX.1); Kontext carries its own. Redux comes back as ReduxPipelines (the pipeline and its prior).
 
     `flags` names the options that set the model and each architecture's adapter repo, for error messages.
     """
     flags = flags or {}
-    from diffusers import AutoPipelineForText2Image
+    from diffusers import DiffusionPipeline
 
     source = resolve_model(model, flags.get("model", "--model"))
     pipe = _fetch("the model", source, flags.get("model", "--model"),
-                  lambda: AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype))
-    architecture = pipeline_architecture(pipe)
-    weights = adapter_weights(architecture, adapter or DEFAULT_ADAPTERS[architecture])
-    flag = flags.get(architecture, "--adapter-repo")
-    repo = resolve_repo(adapter_repo, flag) if adapter_repo else ADAPTER_REPOS[architecture]
-    if architecture == "flux":
-        load = lambda: pipe.load_lora_weights(repo, weight_name=weights.weight_name, adapter_name="subject")  # noqa: E731
+                  lambda: DiffusionPipeline.from_pretrained(source, **dtype_argument(dtype)))
+    family = pipeline_family(pipe)
+    weights = adapter_weights(family, adapter or DEFAULT_ADAPTERS[family])
+    flag = flags.get(pipeline_architecture(pipe), "--adapter-repo")
+    repo = resolve_repo(adapter_repo, flag) if adapter_repo else weights.repo
+    loaded = _load_adapter(pipe, weights, repo, flag, dtype)
+    return loaded.to(device)
+
+
+def _load_adapter(pipe: Any, weights: AdapterWeights, repo: str, flag: str, dtype: torch.dtype) -> Any:
+    what = f"adapter {weights.weight_name or weights.kind}"
+    if weights.kind == "kontext":
+        return pipe
+    if weights.kind == "ominicontrol":
+        _fetch(what, repo, flag, lambda: pipe.load_lora_weights(repo, weight_name=weights.weight_name, adapter_name="subject"))
+    elif weights.kind == "xlabs-ip":
+        encoder = xlabs_image_encoder(repo, weights)
+        _fetch(what, repo, flag, lambda: pipe.load_ip_adapter(repo, weight_name=weights.weight_name,
+                                                              image_encoder_pretrained_model_name_or_path=encoder,
+                                                              image_encoder_dtype=dtype))
+    elif weights.kind == "redux":
+        from diffusers import FluxPriorReduxPipeline
+
+        prior = _fetch("the Redux prior", repo, flag,
+                       lambda: FluxPriorReduxPipeline.from_pretrained(repo, **dtype_argument(dtype)))
+        return ReduxPipelines(pipe, prior)
     else:
-        load = lambda: pipe.load_ip_adapter(repo, subfolder=weights.subfolder, weight_name=weights.weight_name,  # noqa: E731
-                                            image_encoder_folder=weights.image_encoder)
-    _fetch(f"adapter {weights.weight_name}", repo, flag, load)
-    return pipe.to(device)
+        _fetch(what, repo, flag, lambda: pipe.load_ip_adapter(repo, subfolder=weights.subfolder,
+                                                              weight_name=weights.weight_name,
+                                                              image_encoder_folder=weights.image_encoder))
+    return pipe
+
+
+def dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
+    """`from_pretrained`'s dtype keyword: `dtype` where diffusers has it (it deprecates `torch_dtype`), else the old one."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def xlabs_image_encoder(repo: str, weights: AdapterWeights) -> str:
+    """The CLIP image encoder for XLabs' IP-Adapter: `<local copy>/image_encoder` when there is one, else the hub id."""
+    local = Path(repo).expanduser() / "image_encoder"
+    return str(local) if (local / "config.json").is_file() else weights.image_encoder
 
 
 def pipeline_architecture(pipe: Any) -> str:
     """'flux', 'sdxl' or 'sd15'."""
+    pipe = getattr(pipe, "pipe", pipe)  # ReduxPipelines
     if hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks"):
         return "flux"
     return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def adapter_weights(architecture: str, adapter: str) -> AdapterWeights:
-    choices = ADAPTERS[architecture]
+def pipeline_family(pipe: Any) -> str:
+    """The pipeline's family for ADAPTERS: 'flux-kontext' for a FluxKontextPipeline, else its architecture."""
+    architecture = pipeline_architecture(pipe)
+    return "flux-kontext" if architecture == "flux" and "Kontext" in type(pipe).__name__ else architecture
+
+
+def adapter_weights(family: str, adapter: str) -> AdapterWeights:
+    choices = ADAPTERS[family]
     if adapter not in choices:
-        raise ConceptrolError(f"unknown adapter {adapter!r} for {architecture}; choose one of {', '.join(choices)}")
+        what = "a FLUX.1 Kontext model (the reference goes in its sequence)" if family == "flux-kontext" else family
+        raise ConceptrolError(f"unknown adapter {adapter!r} for {what}; choose one of {', '.join(choices)}")
     return choices[adapter]
 
 

@@ -36,12 +36,19 @@ def reference_picture(size: int = 64) -> Image.Image:
     return image
 
 
-MODELS = {
+FLUX1 = "a tiny FLUX.1 pipeline (CLIP + T5 encoders, VAE, FLUX.1's 19 + 38 transformer blocks at tiny width)"
+MODELS = {  # model -> (what the demo runs, the baseline it compares with)
     "sd15": ("a tiny Stable Diffusion 1.5-layout pipeline with a random IP-Adapter Plus checkpoint loaded "
              "through pipe.load_ip_adapter()", "vanilla IP-Adapter, scale 0.6, no warm-up"),
     "flux": ("a tiny FLUX pipeline (CLIP + T5 encoders, VAE, 2+2 transformer blocks) with a random "
              "OminiControl-style subject LoRA", "plain OminiControl"),
+    "flux-ip": (f"{FLUX1} with a random IP-Adapter in XLabs' file format loaded through pipe.load_ip_adapter()",
+                "the stock XLabs IP-Adapter"),
+    "flux-kontext": (f"{FLUX1} as a FluxKontextPipeline", "stock FLUX.1 Kontext"),
+    "flux-redux": (f"{FLUX1} with a random FluxPriorReduxPipeline (SigLIP-style encoder + Redux embedder)",
+                   "stock FLUX.1 Redux"),
 }
+TINY_MODELS = tuple(MODELS)
 
 
 def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd15") -> list[Path]:
@@ -53,8 +60,8 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
     settings = GenerateSettings(
         prompt=DEMO_PROMPT, concept=("dog",), image=(reference,), steps=steps, seed=seed, size=(width, height),
         scale=1.0, start=0.2, out=out, save_masks=True, device="cpu", dtype="fp32", model=f"tiny-{model}",
-        condition_size=32 if model == "flux" else None,
-        concept_layer="transformer_blocks.1" if model == "flux" else None,  # the tiny FLUX has 2 double blocks
+        condition_size=32 if model in ("flux", "flux-kontext") else None,  # the reference at the tiny models' scale
+        concept_layer="transformer_blocks.1" if model == "flux" else None,  # the tiny OminiControl has 2 double blocks
     )
     pipe = tiny_pipeline(model, seed)
     ours = generate(settings, pipe).files
@@ -72,12 +79,28 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
 
 
 def tiny_pipeline(model: str = "sd15", seed: int = 0):
-    """The demo's tiny random pipeline with its adapter: SD 1.5 layout with IP-Adapter Plus, or FLUX with a LoRA."""
+    """The demo's tiny random pipeline with its adapter (one of TINY_MODELS); Redux as ReduxPipelines."""
     from .tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline
 
     if model == "flux":
         return tiny_flux_pipeline(seed=seed)
+    if model.startswith("flux-"):
+        return _tiny_flux1(model, seed)
     pipe = tiny_sd15_pipeline(seed=seed)
     with tempfile.TemporaryDirectory(prefix="conceptrol-demo-") as scratch:
         load_tiny_ip_adapter(pipe, "plus", seed=seed, folder=Path(scratch))
+    return pipe
+
+
+def _tiny_flux1(model: str, seed: int):
+    from .loading import ReduxPipelines
+    from .tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
+
+    if model == "flux-kontext":
+        return tiny_kontext(seed=seed)
+    pipe = tiny_flux(seed=seed, guidance=True)
+    if model == "flux-redux":
+        return ReduxPipelines(pipe, tiny_redux_prior(seed=seed))
+    with tempfile.TemporaryDirectory(prefix="conceptrol-demo-") as scratch:
+        load_tiny_xlabs_ip_adapter(pipe, Path(scratch), seed=seed)
     return pipe

@@ -16,7 +16,7 @@ from typing import Any
 from .concepts import Concept, resolve_concepts
 from .config import CONCEPT_LAYERS, normalize_layer_name
 from .errors import ConceptrolError
-from .loading import ADAPTER_REPOS, DEFAULT_ADAPTERS, adapter_weights, resolve_repo, resolve_model
+from .loading import DEFAULT_ADAPTERS, adapter_weights, profile_for, resolve_model, resolve_repo, xlabs_image_encoder
 from .settings import GenerateSettings, check_size
 
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length; concept spans must lie inside it
@@ -32,24 +32,50 @@ class ModelInfo:
     layers: tuple[str, ...] | None = None  # layer (SD) or block (FLUX) names a concept layer may take; None = unknown
     guidance_embeds: bool = False  # FLUX.1-dev takes a guidance value; FLUX.1-schnell does not
     pixel_multiple: int = 8  # output sizes must be multiples of this
+    family: str = ""  # for the adapter names: sd15, sdxl, flux or flux-kontext ('' = the architecture)
+    loaded_profile: str | None = None  # a loaded pipeline's: what its adapter makes of it (flux-ip, flux-redux, ...)
+
+    @property
+    def adapter_family(self) -> str:
+        return self.family or self.architecture
+
+    def profile(self, adapter: str | None) -> str:
+        """sd15, sdxl, flux (OminiControl), flux-ip, flux-redux or flux-kontext."""
+        return self.loaded_profile or profile_for(self.adapter_family, adapter)
 
 
 def info_from_pipeline(pipe: Any) -> ModelInfo:
-    """The ModelInfo of a loaded pipeline (its adapter loaded)."""
+    """The ModelInfo of a loaded pipeline (its adapter loaded; Redux as ReduxPipelines)."""
     from .install import detect_architecture
 
+    profile = pipeline_profile(pipe)
+    pipe = getattr(pipe, "pipe", pipe)
     transformer = getattr(pipe, "transformer", None)
     if hasattr(transformer, "single_transformer_blocks"):
         from .backends.ominicontrol import block_names
 
         return ModelInfo("flux", pipe.tokenizer_2, FLUX_MAX_SEQUENCE_LENGTH, tuple(block_names(transformer)),
-                         bool(transformer.config.get("guidance_embeds")), pipe.vae_scale_factor * 2)
+                         bool(transformer.config.get("guidance_embeds")), pipe.vae_scale_factor * 2,
+                         "flux-kontext" if profile == "flux-kontext" else "flux", profile)
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise ConceptrolError(f"{type(pipe).__name__} is not supported; use a Stable Diffusion 1.5, SDXL or FLUX pipeline")
     layers = tuple(name.removesuffix(".processor") for name, p in unet.attn_processors.items() if hasattr(p, "to_k_ip"))
     tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
     return ModelInfo(detect_architecture(unet), tokenizer, tokenizer.model_max_length, layers, False, pipe.vae_scale_factor)
+
+
+def pipeline_profile(pipe: Any) -> str:
+    """What a loaded pipeline's adapter makes of it: sd15, sdxl, flux (OminiControl), flux-ip, flux-redux, flux-kontext."""
+    from .loading import ReduxPipelines, pipeline_architecture, pipeline_family
+
+    if isinstance(pipe, ReduxPipelines):
+        return "flux-redux"
+    family = pipeline_family(pipe)
+    if family != "flux":
+        return family
+    processors = pipe.transformer.attn_processors.values()
+    return "flux-ip" if any(hasattr(p, "to_k_ip") for p in processors) else pipeline_architecture(pipe)
 
 
 def info_from_source(model: str, need_layers: bool = False, flag: str = "--model") -> ModelInfo:
@@ -63,10 +89,13 @@ def info_from_source(model: str, need_layers: bool = False, flag: str = "--model
         blocks = tuple(f"transformer_blocks.{i}" for i in range(config.get("num_layers", 19))) + tuple(
             f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 38)))
         tokenizer = _tokenizer(source, index, "tokenizer_2", flag)
-        return ModelInfo("flux", tokenizer, FLUX_MAX_SEQUENCE_LENGTH, blocks, bool(config.get("guidance_embeds")), 16)
+        family = "flux-kontext" if "Kontext" in name else "flux"
+        return ModelInfo("flux", tokenizer, FLUX_MAX_SEQUENCE_LENGTH, blocks, bool(config.get("guidance_embeds")), 16,
+                         family)
     if "unet" not in index:
         raise ConceptrolError(f"{flag} {model}: {name or 'this pipeline'} is not supported; Conceptrol supports "
-                              "Stable Diffusion 1.5 and SDXL with an IP-Adapter, and FLUX.1 with OminiControl")
+                              "Stable Diffusion 1.5 and SDXL with an IP-Adapter, and FLUX.1 (with OminiControl, XLabs' "
+                              "IP-Adapter or Redux, or FLUX.1 Kontext)")
     config = _read_json(source, "unet/config.json", flag)
     architecture = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
     tokenizer = _tokenizer(source, index, "tokenizer", flag)
@@ -83,9 +112,10 @@ def check_settings(settings: GenerateSettings, info: ModelInfo, check_adapter: b
 def check_model_options(settings: GenerateSettings, info: ModelInfo, check_adapter: bool = True) -> None:
     """The adapter name, the concept layer, the size and the options that only some models take."""
     flux = info.architecture == "flux"
+    family = info.adapter_family
     if check_adapter:
-        adapter_weights(info.architecture, settings.adapter or DEFAULT_ADAPTERS[info.architecture])
-    _check_options(settings, flux, info)
+        adapter_weights(family, settings.adapter or DEFAULT_ADAPTERS[family])
+    _check_options(settings, info.profile(settings.adapter), info)
     check_size(settings.size, info.pixel_multiple)
     if settings.concept_layer is not None and info.layers is not None:
         check_layer(settings.concept_layer, info.layers, flux)
@@ -96,21 +126,30 @@ def check_concepts(settings: GenerateSettings, info: ModelInfo) -> None:
     resolve_concepts(info.tokenizer, [settings.prompt], [_concept(c) for c in settings.concept], 1, info.max_length)
 
 
-def _check_options(settings: GenerateSettings, flux: bool, info: ModelInfo) -> None:
-    """Options that do not apply to this model are refused, not ignored."""
-    if flux:
-        if len(settings.image) != 1:
-            raise ConceptrolError(f"OminiControl (FLUX) takes one reference image, got {len(settings.image)}; "
-                                  "pass one --image and one --concept, or use an SD model for several subjects")
-        if settings.masking == "local":
-            raise ConceptrolError("FLUX has no local masking; use --masking global (Conceptrol) or none (OminiControl)")
-        if settings.negative_prompt is not None:
-            raise ConceptrolError("--negative-prompt applies to SD 1.5 / SDXL; OminiControl on FLUX takes none")
-        if settings.guidance is not None and not info.guidance_embeds:
-            raise ConceptrolError("--guidance applies to guidance-distilled models (SD, FLUX.1-dev); this FLUX model "
-                                  "(e.g. FLUX.1-schnell) ignores it, so leave it out")
-    elif settings.condition_size is not None:
-        raise ConceptrolError("--condition-size applies to FLUX (OminiControl's reference size); leave it out for SD")
+FLUX_ADAPTER_NAMES = {"flux": "OminiControl", "flux-ip": "XLabs' IP-Adapter", "flux-redux": "FLUX.1 Redux",
+                      "flux-kontext": "FLUX.1 Kontext"}
+
+
+def _check_options(settings: GenerateSettings, profile: str, info: ModelInfo) -> None:
+    """Options that do not apply to this model and adapter are refused, not ignored."""
+    if profile in ("sd15", "sdxl"):
+        if settings.condition_size is not None:
+            raise ConceptrolError("--condition-size applies to FLUX with OminiControl or Kontext (the reference's "
+                                  "size); leave it out for SD")
+        return
+    name = FLUX_ADAPTER_NAMES[profile]
+    if len(settings.image) != 1:
+        raise ConceptrolError(f"{name} (FLUX) takes one reference image, got {len(settings.image)}; pass one --image "
+                              "and one --concept, or use an SD model for several subjects")
+    if settings.masking == "local" and profile != "flux-ip":
+        raise ConceptrolError(f"{name} has no local masking; use --masking global (Conceptrol) or none (the adapter as is)")
+    if settings.negative_prompt is not None:
+        raise ConceptrolError(f"--negative-prompt applies to SD 1.5 / SDXL; {name} on FLUX takes none here")
+    if settings.guidance is not None and not info.guidance_embeds:
+        raise ConceptrolError("--guidance applies to guidance-distilled models (SD, FLUX.1-dev, Kontext); this FLUX "
+                              "model (e.g. FLUX.1-schnell) ignores it, so leave it out")
+    if settings.condition_size is not None and profile not in ("flux", "flux-kontext"):
+        raise ConceptrolError(f"--condition-size sizes OminiControl's and Kontext's reference; {name} sizes it itself")
 
 
 def check_layer(layer: str, layers: tuple[str, ...], flux: bool = False) -> None:
@@ -125,12 +164,20 @@ def check_layer(layer: str, layers: tuple[str, ...], flux: bool = False) -> None
     raise ConceptrolError(f"concept layer {layer!r} is not a {what}; {hint}")
 
 
-def check_adapter_source(architecture: str, adapter: str | None, adapter_repo: str | None,
+def check_adapter_source(family: str, adapter: str | None, adapter_repo: str | None,
                          flag: str = "--adapter-repo") -> None:
-    """The adapter's weights are in the local copy, the local cache, or on a reachable hub."""
-    weights = adapter_weights(architecture, adapter or DEFAULT_ADAPTERS[architecture])
-    repo = resolve_repo(adapter_repo, flag) if adapter_repo else ADAPTER_REPOS[architecture]
-    ensure_available(repo, str(Path(weights.subfolder) / weights.weight_name), flag, f"adapter {weights.weight_name}")
+    """The adapter's weights (and XLabs' image encoder) are in a local copy, the local cache, or on a reachable hub."""
+    weights = adapter_weights(family, adapter or DEFAULT_ADAPTERS[family])
+    if weights.kind == "kontext":
+        return  # built into the model
+    repo = resolve_repo(adapter_repo, flag) if adapter_repo else weights.repo
+    what = f"adapter {weights.weight_name}" if weights.kind != "redux" else "the Redux prior"
+    ensure_available(repo, str(Path(weights.subfolder) / weights.weight_name), flag, what)
+    if weights.kind == "xlabs-ip":
+        encoder = xlabs_image_encoder(repo, weights)
+        if not Path(encoder).is_dir():
+            ensure_available(encoder, "config.json", flag, f"XLabs' image encoder {encoder} (or put a copy in "
+                             "<--adapter-repo>/image_encoder)")
 
 
 def ensure_available(repo: str, filename: str, flag: str, what: str) -> None:

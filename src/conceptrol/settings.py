@@ -17,11 +17,15 @@ from .errors import ConceptrolError
 
 NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
 # The paper's demo settings (ALGORITHM.md): scale, warm-up start, steps, classifier-free guidance.
+# For FLUX (no paper settings): the library's defaults (scale or reference strength c = 1, window [0, 1]) and the
+# steps and guidance each adapter's own examples use.
 PAPER_DEMO = {
     "sd15": dict(scale=1.5, start=0.2, steps=50, guidance=7.5),
     "sdxl": dict(scale=1.0, start=0.2, steps=50, guidance=6.0),
-    # FLUX: the library's defaults (c = 1, window [0, 1]); 8 steps as OminiControl runs FLUX.1-schnell.
-    "flux": dict(scale=1.0, start=0.0, steps=8, guidance=3.5),
+    "flux": dict(scale=1.0, start=0.0, steps=8, guidance=3.5),  # OminiControl on FLUX.1-schnell
+    "flux-ip": dict(scale=1.0, start=0.0, steps=28, guidance=3.5),  # XLabs' IP-Adapter on FLUX.1-dev
+    "flux-kontext": dict(scale=1.0, start=0.0, steps=28, guidance=2.5),  # FLUX.1 Kontext [dev]
+    "flux-redux": dict(scale=1.0, start=0.0, steps=28, guidance=2.5),  # FLUX.1 Redux [dev] on FLUX.1-dev
 }
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000  # the schedulers' training timesteps: more steps cannot be taken

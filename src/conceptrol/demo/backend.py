@@ -16,7 +16,7 @@ from ..concepts import Concept
 from ..errors import ConceptrolError
 from ..generate import PAPER_DEMO, GenerateSettings, run_conceptrol
 from ..images import load_reference_image
-from ..loading import guess_architecture
+from ..loading import guess_family
 from ..settings import ModelSource
 
 Progress = Callable[[float, str], None]  # (fraction done, what is running)
@@ -30,11 +30,11 @@ class ModelChoice:
 
     key: str  # preset name (sd15, sdxl, flux, flux-dev), hub id or local folder; or tiny-sd15 / tiny-flux
     label: str  # what the menu shows
-    architecture: str  # sd15, sdxl or flux: picks the paper's default settings
+    architecture: str  # sd15, sdxl, flux (OminiControl), flux-ip, flux-kontext or flux-redux: picks the defaults
     size: tuple[int, int]  # default (width, height)
     steps: int | None = None  # None = the paper's demo steps for the architecture
     concept_layer: str | None = None  # None = the architecture's preset layer
-    condition_size: int = 512  # FLUX: the reference's square size
+    condition_size: int | None = None  # OminiControl: the reference's square (None = 512); Kontext: its longer side
 
     @property
     def tiny(self) -> bool:
@@ -51,11 +51,16 @@ PRESET_CHOICES = {
     "sdxl": ModelChoice("sdxl", "SDXL + IP-Adapter Plus (ViT-H)", "sdxl", (1024, 1024)),
     "flux": ModelChoice("flux", "FLUX.1-schnell + OminiControl subject", "flux", (512, 512)),
     "flux-dev": ModelChoice("flux-dev", "FLUX.1-dev + OminiControl subject", "flux", (512, 512), steps=28),
+    "flux-kontext": ModelChoice("flux-kontext", "FLUX.1 Kontext [dev]", "flux-kontext", (1024, 1024)),
 }
 DEMO_CHOICES = (  # offline, random weights: shows the whole path runs, not image quality
     ModelChoice("tiny-sd15", "tiny random SD 1.5 + IP-Adapter Plus (offline demo)", "sd15", (128, 96), steps=10),
     ModelChoice("tiny-flux", "tiny random FLUX + OminiControl LoRA (offline demo)", "flux", (128, 96), steps=8,
                 concept_layer="transformer_blocks.1", condition_size=32),
+    ModelChoice("tiny-flux-ip", "tiny random FLUX.1 + XLabs IP-Adapter (offline demo)", "flux-ip", (128, 96), steps=8),
+    ModelChoice("tiny-flux-kontext", "tiny random FLUX.1 Kontext (offline demo)", "flux-kontext", (128, 96), steps=8,
+                condition_size=32),
+    ModelChoice("tiny-flux-redux", "tiny random FLUX.1 + Redux (offline demo)", "flux-redux", (128, 96), steps=8),
 )
 
 
@@ -63,9 +68,9 @@ def model_choice(model: str) -> ModelChoice:
     """The menu entry for a preset name, a hub id or a local folder."""
     if model in PRESET_CHOICES:
         return PRESET_CHOICES[model]
-    architecture = guess_architecture(model)
-    size = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (512, 512)}[architecture]
-    return ModelChoice(model, model, architecture, size)
+    family = guess_family(model)
+    size = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (512, 512), "flux-kontext": (1024, 1024)}[family]
+    return ModelChoice(model, model, family, size)
 
 
 @dataclass(frozen=True)
@@ -140,8 +145,8 @@ class LocalBackend:
     def __call__(self, request: CompareRequest, progress: Progress) -> Comparison:
         choice = self._choice(request.model)
         references = [load_reference_image(path) for path in request.references]  # bad files fail before loading
-        if choice.architecture == "flux" and len(references) != 1:
-            raise ConceptrolError(f"OminiControl (FLUX) takes one reference image, got {len(references)}; "
+        if choice.architecture.startswith("flux") and len(references) != 1:
+            raise ConceptrolError(f"the FLUX adapters take one reference image, got {len(references)}; "
                                   "remove the others or pick an SD model")
         with self._lock:
             pipe = self._pipeline(choice, progress)
@@ -168,9 +173,9 @@ class LocalBackend:
         if choice.tiny:
             from ..offline_demo import tiny_pipeline
 
-            return tiny_pipeline(choice.architecture)
+            return tiny_pipeline(choice.key.removeprefix("tiny-"))
         from ..generate import pipeline_for
 
         source = ModelSource(model=choice.key, device=self.device, dtype=self.dtype,
-                             adapter_repo=self.adapter_repos.get(choice.architecture))
+                             adapter_repo=self.adapter_repos.get(choice.architecture.split("-")[0]))
         return pipeline_for(source, flags=UI_FLAGS)

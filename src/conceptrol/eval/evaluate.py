@@ -30,10 +30,10 @@ class EvaluateSettings:
 
     benchmark: Path  # DreamBench++ folder, DreamBench folder, or a .jsonl/.csv manifest
     out: Path  # the run folder: records, images, run.json
-    method: tuple[str, ...] = ("ip-adapter", "conceptrol")  # ip-adapter, ominicontrol (baselines), conceptrol
+    method: tuple[str, ...] = ()  # baselines (runner.METHODS) and/or conceptrol; () = the model's baseline and conceptrol
     scale: tuple[float, ...] = (SCALE,)
     seeds: tuple[int, ...] = (0,)
-    model: str = "sd15"  # as for generate, or 'tiny' for an offline random model
+    model: str = "sd15"  # as for generate, or 'tiny' (tiny-flux, tiny-flux-ip, ...) for an offline random model
     adapter: str | None = None
     adapter_repo: str | None = None
     start: float | None = None  # Conceptrol's warm-up (None = 0.2 on SD, 0 on FLUX); baselines always start at 0
@@ -58,8 +58,6 @@ class EvaluateSettings:
         object.__setattr__(self, "method", _unique("method", self.method))
         object.__setattr__(self, "scale", _unique("scale", tuple(float(s) for s in self.scale)))
         object.__setattr__(self, "seeds", _unique("seeds", self.seeds))
-        if not self.method:
-            raise ConceptrolError("pass at least one --method: ip-adapter, ominicontrol or conceptrol")
         from .runner import METHODS
 
         unknown = [m for m in self.method if m not in METHODS]
@@ -71,7 +69,7 @@ class EvaluateSettings:
             check_seed(seed)
         if self.limit is not None and self.limit < 1:
             raise ConceptrolError(f"--limit must be at least 1 (the first N cases), got {self.limit}")
-        if self.start is not None and "conceptrol" not in self.method:
+        if self.start is not None and self.method and "conceptrol" not in self.method:
             raise ConceptrolError("--start is Conceptrol's warm-up; the baselines always start at 0, so leave it out "
                                   "or add --method conceptrol")
         self._check_scoring()
@@ -160,7 +158,10 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
     metrics = None if settings.no_score else _load_metrics(settings, device)
     pipe = pipe if pipe is not None else pipeline_for(base)
     pipe.set_progress_bar_config(disable=True)
-    all_jobs = jobs(cases, settings.method, settings.scale, settings.seeds)
+    from .runner import BASELINES
+
+    methods = settings.method or (BASELINES[info.profile(settings.adapter)], "conceptrol")
+    all_jobs = jobs(cases, methods, settings.scale, settings.seeds)
     summary = EvaluateSummary(rank, world, len(all_jobs), out=out)
     with _progress("generate", rank, world) as progress:
         for record in generate_pass(pipe, all_jobs, out, base, rank, world, progress):
@@ -177,22 +178,26 @@ def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any
     """(a pipeline if it is cheap to build now, else None; the model's ModelInfo), read without loading weights."""
     from ..loading import pick_device
     from ..preflight import check_adapter_source, info_from_pipeline, info_from_source
-    from .runner import METHOD_ARCHITECTURES
+    from .runner import BASELINES
 
     pick_device(base.device)
-    if settings.model == "tiny":
-        from ..offline_demo import tiny_pipeline
+    if settings.model.startswith("tiny"):
+        from ..offline_demo import TINY_MODELS, tiny_pipeline
 
-        pipe = tiny_pipeline("sd15")
+        kind = settings.model.removeprefix("tiny-") if settings.model != "tiny" else "sd15"
+        if kind not in TINY_MODELS:
+            raise ConceptrolError(f"unknown tiny model {settings.model!r}; choose one of tiny, "
+                                  + ", ".join(f"tiny-{k}" for k in TINY_MODELS))
+        pipe = tiny_pipeline(kind)
         info = info_from_pipeline(pipe)
     else:
         pipe, info = None, info_from_source(settings.model, need_layers=settings.concept_layer is not None)
-        check_adapter_source(info.architecture, settings.adapter, settings.adapter_repo)
-    wrong = [m for m in settings.method if info.architecture not in METHOD_ARCHITECTURES[m]]
+        check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
+    profile = info.profile(settings.adapter)
+    wrong = [m for m in settings.method if m != "conceptrol" and m != BASELINES[profile]]
     if wrong:
-        baseline = "ominicontrol" if info.architecture == "flux" else "ip-adapter"
-        raise ConceptrolError(f"--method {wrong[0]} does not apply to this {info.architecture} model; its baseline "
-                              f"is {baseline}")
+        raise ConceptrolError(f"--method {wrong[0]} does not apply to this model and adapter ({profile}); its baseline "
+                              f"is {BASELINES[profile]}")
     return pipe, info
 
 
@@ -201,7 +206,7 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
     """Model options once; each case's concept located with the tokenizer (cases without it are counted, then fail)."""
     from ..preflight import check_concepts, check_model_options
 
-    check_model_options(base, info, check_adapter=settings.model != "tiny")
+    check_model_options(base, info, check_adapter=not settings.model.startswith("tiny"))
     missing = []
     for case in cases:
         try:

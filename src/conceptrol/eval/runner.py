@@ -27,8 +27,11 @@ from .benchmark import Case
 from .progress import JobProgress
 from .records import RecordStore, shard
 
-METHODS = {"ip-adapter": "none", "ominicontrol": "none", "conceptrol": "global"}  # method -> masking
-METHOD_ARCHITECTURES = {"ip-adapter": ("sd15", "sdxl"), "ominicontrol": ("flux",), "conceptrol": ("sd15", "sdxl", "flux")}
+# method -> masking: each adapter as is (the baselines), and Conceptrol on whichever adapter the model carries
+METHODS = {"ip-adapter": "none", "ominicontrol": "none", "xlabs-ip": "none", "kontext": "none", "redux": "none",
+           "conceptrol": "global"}
+BASELINES = {"sd15": "ip-adapter", "sdxl": "ip-adapter", "flux": "ominicontrol", "flux-ip": "xlabs-ip",
+             "flux-kontext": "kontext", "flux-redux": "redux"}  # profile -> its baseline method
 
 
 @dataclass(frozen=True)

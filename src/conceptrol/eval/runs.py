@@ -25,18 +25,18 @@ def run_identity(settings: Any, base: Any, info: Any) -> dict[str, Any]:
     from ..generate import resolved_values
     from ..loading import DEFAULT_ADAPTERS, pick_device, pick_dtype, resolve_model
 
-    architecture = info.architecture
-    values = resolved_values(base, architecture)
+    profile = info.profile(base.adapter)
+    values = resolved_values(base, profile)
     dtype = pick_dtype(base.dtype, pick_device(base.device), base.model)
-    model = "tiny" if base.model == "tiny" else resolve_model(base.model)
+    model = base.model if base.model.startswith("tiny") else resolve_model(base.model)
     if Path(model).expanduser().is_dir():
         model = str(Path(model).expanduser().resolve())
     return {
-        "model": model, "architecture": architecture, "adapter": base.adapter or DEFAULT_ADAPTERS[architecture],
+        "model": model, "architecture": profile, "adapter": base.adapter or DEFAULT_ADAPTERS[info.adapter_family],
         "steps": values["steps"], "size": "x".join(map(str, base.size)) if base.size else "model default",
         "start": values["start"], "end": base.end, "guidance": values["guidance"],
         "negative_prompt": values["negative_prompt"], "condition_size": values["condition_size"],
-        "concept_layer": base.concept_layer or CONCEPT_LAYERS[architecture],
+        "concept_layer": base.concept_layer or CONCEPT_LAYERS[info.architecture],
         "dtype": {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(dtype).removeprefix("torch.")],
     }
 
