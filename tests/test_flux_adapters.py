@@ -256,3 +256,42 @@ def test_kontext_needs_its_reference_image(kontext_pipe):
             handle(prompt=PROMPT, concepts=["dog"], **common())
     finally:
         handle.remove()
+
+
+def test_applying_twice_is_refused_until_removed(kontext_pipe):
+    handle = apply_conceptrol(kontext_pipe)
+    try:
+        with pytest.raises(ConceptrolError, match="already applied"):
+            apply_conceptrol(kontext_pipe)
+    finally:
+        handle.remove()
+    apply_conceptrol(kontext_pipe).remove()
+
+
+def test_two_xlabs_adapters_take_one_reference_and_concept_each_as_the_reference_does(tmp_path, dog):
+    from conceptrol.tiny_flux import XLABS_WEIGHTS, save_tiny_xlabs_ip_adapter
+
+    pipe = tiny_flux(seed=4)
+    pipe.set_progress_bar_config(disable=True)
+    folders = [save_tiny_xlabs_ip_adapter(tmp_path / name, pipe.transformer, seed=seed) for name, seed in (("a", 1), ("b", 2))]
+    load_tiny_xlabs_ip_adapter(pipe, folders[0])  # registers the image encoder and feature extractor
+    pipe.unload_ip_adapter()
+    pipe.load_ip_adapter([str(f) for f in folders], weight_name=[XLABS_WEIGHTS] * 2,
+                         image_encoder_pretrained_model_name_or_path=str(folders[0] / "image_encoder"),
+                         image_encoder_dtype=torch.float32)
+    images = [tiny_reference_image(seed=1), tiny_reference_image(seed=2)]
+    handle = apply_conceptrol(pipe)
+    try:
+        ours = handle(prompt=PROMPT, concepts=["dog", "beach"], **common(ip_adapter_image=images)).images
+        masks = handle.masks.masks
+    finally:
+        handle.remove()
+    beach = slice(7, 12)  # '▁b e a c h' after '▁a ▁d o g ▁o n ▁a'
+    tokens = pipe.tokenizer_2.convert_ids_to_tokens(pipe.tokenizer_2(PROMPT).input_ids)
+    assert "".join(tokens[beach]).replace("▁", "") == "beach"
+    reference = run_reference_ip(pipe, [[dog, beach]], prompt=PROMPT, **common(ip_adapter_image=images))
+    close(ours, reference)
+    assert masks.shape[2] == 2 and not torch.allclose(masks[-1, 0, 0], masks[-1, 0, 1])
+    torch.testing.assert_close(masks, reference.all_masks, atol=ROUND_OFF, rtol=0)
+    with pytest.raises(ConceptrolError, match="got 1 reference image\\(s\\) for 2 loaded IP-Adapter"):
+        apply_conceptrol(pipe)(prompt=PROMPT, concepts=["dog"], **common(ip_adapter_image=images[0]))

@@ -42,6 +42,9 @@ class FluxAdapterHandle:
         if config.masking == "local" and not self.local_masking:
             raise ConceptrolError(f"{self.name} has no local masking; use masking='global' (Conceptrol) or 'none'")
         transformer = pipe.transformer
+        if any(isinstance(p, FluxBlockProcessor) for p in transformer.attn_processors.values()):
+            raise ConceptrolError("Conceptrol is already applied to this pipeline; call handle.remove() before "
+                                  "applying it again")
         blocks = block_names(transformer)
         _check_block(config.concept_layer, blocks)
         rereads = [b for b in REREAD_BLOCKS if b in blocks] if config.concept_layer == CONCEPT_LAYERS["flux"] else []
