@@ -143,3 +143,15 @@ def run_reference(pipe, run: ReferenceRun, **kwargs):
     finally:
         hook.remove()
         pipe.unet.set_attn_processor(dict(saved))
+
+
+def run_main(capsys, *args):
+    """`conceptrol ARGS` in this process: (exit status, stdout lines, stderr lines); argparse's own exits included."""
+    from conceptrol.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exited:
+        code = exited.code
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()

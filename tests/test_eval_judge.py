@@ -10,7 +10,7 @@ from test_eval_metrics import models  # noqa: F401  (fixture)
 from test_eval_runner import BASE, cases, pipe  # noqa: F401  (fixtures)
 
 from conceptrol import ConceptrolError
-from conceptrol.eval.judge import JudgeConfig, judge_case
+from conceptrol.eval.judge import CP_PROMPT, PF_PROMPT, JudgeAnswerError, JudgeConfig, judge_case, judge_cost
 from conceptrol.eval.report import format_table, summarize, write_html, write_plots
 from conceptrol.eval.runner import generate_pass, jobs, judge_pass, read_all, score_pass
 
@@ -26,7 +26,8 @@ def fake_judge():
             seen.append((self.path, body, self.headers.get("Authorization")))
             text = body["messages"][0]["content"][0]["text"]
             score = (3 if len(seen) % 2 else 4) if "reference photo" in text else 2
-            reply = json.dumps({"choices": [{"message": {"content": f"Reasoning...\nScore: {score}"}}]}).encode()
+            answer = "I cannot say." if "unsure" in text else f"Reasoning...\nScore: {score}"
+            reply = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(reply)))
@@ -37,7 +38,7 @@ def fake_judge():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
     server.shutdown()
@@ -53,6 +54,32 @@ def test_judge_scores_are_scaled_and_averaged_over_runs(fake_judge, monkeypatch)
     path, body, auth = seen[0]
     assert path == "/v1/chat/completions" and body["model"] == "judge-model" and auth == "Bearer secret"
     assert len(body["messages"][0]["content"]) == 3  # the instructions, the reference, the generated image
+
+
+def test_conceptrol_protocol_asks_our_own_question_and_ignores_the_category(fake_judge):
+    url, seen = fake_judge
+    image = Image.new("RGB", (16, 16), "blue")
+    judge_case(JudgeConfig(url, runs=1), image, image, "a dog on the moon", "dog", category="style")
+    judge_case(JudgeConfig(url, runs=1, max_tokens=50), image, image, "a dog on the moon", "dog")
+    cp, pf = seen[0][1]["messages"], seen[1][1]["messages"]
+    assert len(cp) == 1 and cp[0]["content"][0]["text"] == CP_PROMPT.format(concept="dog")
+    assert len(pf) == 1 and pf[0]["content"][0]["text"] == PF_PROMPT.format(prompt="a dog on the moon")
+    assert all("temperature" not in body and "seed" not in body for _, body, _ in seen)
+    assert ["max_tokens" in body for _, body, _ in seen] == [False, False, True, True]
+
+
+def test_an_answer_without_a_score_is_asked_again_then_is_a_failed_judgement(fake_judge):
+    url, seen = fake_judge
+    image = Image.new("RGB", (16, 16), "blue")
+    with pytest.raises(JudgeAnswerError, match="no readable 'Score: N' in 2 answers.*I cannot say"):
+        judge_case(JudgeConfig(url, runs=1, answer_tries=2), image, image, "an unsure dog", "dog")
+    assert len(seen) == 3  # CP scored at once, PF asked twice
+
+
+def test_conceptrol_protocol_cost_counts_our_questions():
+    cost = judge_cost(JudgeConfig("http://127.0.0.1:9/v1", runs=2, max_tokens=10), 5)
+    cp, pf = -(-len(CP_PROMPT) // 4), -(-len(PF_PROMPT) // 4)
+    assert (cost.calls, cost.input_tokens, cost.output_tokens) == (20, 2 * 5 * (cp + 2 * 765 + pf + 765), 200)
 
 
 def test_unreachable_judge_is_a_clear_error_and_keeps_finished_cases(tmp_path, pipe):  # noqa: F811

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", action="append", help="a baseline (ip-adapter, ominicontrol, xlabs-ip, kontext, redux: "
                                                       "the model's adapter as is) or conceptrol; repeatable (default: "
                                                       "the model's baseline and conceptrol)")
-    ev.add_argument("--scale", type=float, action="append", help="adapter scale (repeatable; default: 1.0)")
+    ev.add_argument("--scale", type=float, action="append", help="adapter scale (repeatable; default: the protocol's "
+                                                                 "per-method scale, else 1.0)")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0])
     _generation_flags(ev)
     ev.set_defaults(model="sd15")
@@ -88,9 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(key from CONCEPTROL_JUDGE_API_KEY or OPENAI_API_KEY); none = no judge columns")
     ev.add_argument("--judge-model", help="the judge's model (default: gpt-4o)")
     ev.add_argument("--judge-runs", type=int, help="judgements averaged per image (default: 3)")
+    ev.add_argument("--judge-max-tokens", type=int, help="the judge's answer length limit (default: the endpoint's)")
+    ev.add_argument("--protocol", choices=["dreambench-plus"], help="dreambench-plus: the paper's Table 1 settings "
+                    "per method and DreamBench++'s own judge templates; --benchmark is then a DreamBench++ clone")
+    ev.add_argument("--yes", action="store_true", help="start a judged run without asking (its cost is printed)")
+    ev.add_argument("--dry-run", action="store_true", help="check everything and list what would run; generate nothing")
     ev.add_argument("--out", type=Path, required=True, help="the run folder (resumable; run.json holds its settings)")
     rep = commands.add_parser("report", help="print the table of a run and write report.html")
     rep.add_argument("run", type=Path)
+    rep.add_argument("--paper", action="store_true", help="compare CP / PF / CP·PF with the paper's Table 1, with 95%% "
+                                                           "bootstrap intervals over the judged images")
+    rep.add_argument("--baseline-scale", type=float, help="with --paper: the baseline's scale that Conceptrol's gain is "
+                                                          "measured against (default: the same scale, else the "
+                                                          "baseline's only one)")
     demo = commands.add_parser("demo", help="run offline on a tiny random model and write images and masks")
     demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"))
     demo.add_argument("--steps", type=int, default=20)
@@ -137,17 +148,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     fields = _fields(args)
     settings = EvaluateSettings(**fields | {
-        "method": tuple(args.method or ()), "scale": tuple(args.scale or EvaluateSettings.scale),
+        "method": tuple(args.method or ()), "scale": tuple(args.scale or ()),
         "seeds": tuple(args.seeds)})
     from .eval.evaluate import evaluate
 
-    print(evaluate(settings, before_loading=_no_bars_in_logs).line())
+    summary = evaluate(settings, before_loading=_no_bars_in_logs)
+    if not settings.dry_run:
+        print(summary.line())
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .eval.report import report
+    if args.baseline_scale is not None and not args.paper:
+        raise ConceptrolError("--baseline-scale goes with --paper")
+    if args.paper:
+        from .eval.paper import paper_report
 
-    for line in report(args.run):
+        lines = paper_report(args.run, args.baseline_scale)
+    else:
+        from .eval.report import report
+
+        lines = report(args.run)
+    for line in lines:
         print(line)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 from ..settings import GenerateSettings, check_number, check_seed
 from .benchmark import Case, describe, load_benchmark
+from .protocol import PROTOCOLS, apply_protocol, dreambench_plus_data
 from .runs import check_run_file, run_identity
 
 CLIP_ID = "openai/clip-vit-base-patch32"
@@ -31,7 +32,7 @@ class EvaluateSettings:
     benchmark: Path  # DreamBench++ folder, DreamBench folder, or a .jsonl/.csv manifest
     out: Path  # the run folder: records, images, run.json
     method: tuple[str, ...] = ()  # baselines (runner.METHODS) and/or conceptrol; () = the model's baseline and conceptrol
-    scale: tuple[float, ...] = (SCALE,)
+    scale: tuple[float, ...] = ()  # () = the protocol's per-method scales, else 1.0
     seeds: tuple[int, ...] = (0,)
     model: str = "sd15"  # as for generate, or 'tiny' (tiny-flux, tiny-flux-ip, ...) for an offline random model
     adapter: str | None = None
@@ -51,6 +52,10 @@ class EvaluateSettings:
     judge_url: str | None = None
     judge_model: str | None = None  # None = gpt-4o
     judge_runs: int | None = None  # None = 3
+    judge_max_tokens: int | None = None  # the judge's answer length limit (None: the endpoint's default)
+    protocol: str | None = None  # dreambench-plus: Table 1's settings and DreamBench++'s judge (eval/protocol.py)
+    yes: bool = False  # start a judged run without asking (after printing its cost)
+    dry_run: bool = False  # list and check, generate nothing
     device: str = "auto"
     dtype: str = "auto"
 
@@ -67,6 +72,8 @@ class EvaluateSettings:
             check_number("scale", scale)
         for seed in self.seeds:
             check_seed(seed)
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ConceptrolError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.limit is not None and self.limit < 1:
             raise ConceptrolError(f"--limit must be at least 1 (the first N cases), got {self.limit}")
         if self.start is not None and self.method and "conceptrol" not in self.method:
@@ -79,8 +86,9 @@ class EvaluateSettings:
         if self.no_score and (self.clip_model or self.dino_model):
             raise ConceptrolError("--clip-model and --dino-model choose the scoring backbones; --no-score skips "
                                   "scoring, so leave one or the other out")
-        if self.judge_url is None and (self.judge_model is not None or self.judge_runs is not None):
-            raise ConceptrolError("--judge-model and --judge-runs configure the judge; pass --judge-url too")
+        if self.judge_url is None and (self.judge_model, self.judge_runs, self.judge_max_tokens) != (None, None, None):
+            raise ConceptrolError("--judge-model, --judge-runs and --judge-max-tokens configure the judge; "
+                                  "pass --judge-url too")
         self.judge  # noqa: B018 (checks the judge settings)
 
     @property
@@ -99,8 +107,10 @@ class EvaluateSettings:
             return None
         from .judge import JudgeConfig
 
+        protocol = {"protocol": "dreambench-plus", "clone": Path(self.benchmark)} if self.protocol else {}
         return JudgeConfig(self.judge_url, self.judge_model or JUDGE_MODEL,
-                           JUDGE_RUNS if self.judge_runs is None else self.judge_runs)
+                           JUDGE_RUNS if self.judge_runs is None else self.judge_runs,
+                           max_tokens=self.judge_max_tokens, **protocol)
 
 
 @dataclass
@@ -112,13 +122,15 @@ class EvaluateSummary:
     failed: int = 0  # of those, failed
     scored: int = 0
     judged: int = 0
+    judge_failed: int = 0  # judgements without a readable score after the retries (asked again on resume)
     ok_in_run: int = 0  # jobs of the run whose current record is a success (any process, any time)
     first_error: str = ""
     out: Path = field(default_factory=Path)
 
     def line(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: {self.generated} generated ({self.failed} failed), "
-                f"{self.scored} scored, {self.judged} judged; {self.jobs} jobs in all; results in {self.out}")
+                f"{self.scored} scored, {self.judged} judged" + (f" ({self.judge_failed} failed)" if self.judge_failed else "")
+                + f"; {self.jobs} jobs in all; results in {self.out}")
 
 
 def _unique(name: str, values: tuple) -> tuple:
@@ -130,48 +142,124 @@ def _unique(name: str, values: tuple) -> tuple:
     return unique
 
 
+@dataclass
+class Plan:
+    """A checked run: what `evaluate` will do, before any weights load."""
+
+    settings: EvaluateSettings  # with the protocol's presets filled in
+    base: GenerateSettings  # the generation settings every job shares
+    info: Any  # the model's ModelInfo
+    pipe: Any  # a pipeline when cheap to build (tiny models), else None: loaded after the checks
+    jobs: list  # every (case, method, scale, seed) of the run
+    from_preset: tuple[str, ...] = ()
+
+
 def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
              before_loading: Callable[[], None] = lambda: None) -> EvaluateSummary:
     """Check everything, then generate, score and judge this process's share of the jobs (resumable).
 
     `echo` prints the run's notes; `before_loading` runs once every check has passed, before any weights load.
+    With `dry_run`, only the checks and the list of what would run.
     """
-    from ..generate import pipeline_for, prepare_output_dir
+    from ..generate import pipeline_for
     from .records import shard
-    from .runner import generate_pass, jobs, process_device, process_rank
+    from .runner import generate_pass, process_rank
 
-    cases = load_benchmark(settings.benchmark)[: settings.limit]
     rank, world = process_rank()
-    if rank == 0:
-        echo(f"benchmark {settings.benchmark}: {describe(cases)}")
-    out = prepare_output_dir(settings.out)
-    device = process_device() if world > 1 and settings.device == "auto" else settings.device
-    base = settings.template.replace(device=device, out=out)
-    pipe, info = _model(settings, base)
-    _check_cases(settings, base, info, cases, echo if rank == 0 else lambda _: None)
-    check_run_file(out, run_identity(settings, base, info), settings.benchmark)
-    if settings.judge is not None:
-        from .judge import check_judge
-
-        check_judge(settings.judge)
+    plan = check_run(settings, echo if rank == 0 else lambda _: None)
+    settings, out = plan.settings, plan.base.out
+    summary = EvaluateSummary(rank, world, len(plan.jobs), out=out)
+    if settings.dry_run:
+        return summary
     before_loading()
-    metrics = None if settings.no_score else _load_metrics(settings, device)
-    pipe = pipe if pipe is not None else pipeline_for(base)
+    metrics = None if settings.no_score else _load_metrics(settings, plan.base.device)
+    pipe = plan.pipe if plan.pipe is not None else pipeline_for(plan.base)
     pipe.set_progress_bar_config(disable=True)
-    from .runner import BASELINES
-
-    methods = settings.method or (BASELINES[info.profile(settings.adapter)], "conceptrol")
-    all_jobs = jobs(cases, methods, settings.scale, settings.seeds)
-    summary = EvaluateSummary(rank, world, len(all_jobs), out=out)
     with _progress("generate", rank, world) as progress:
-        for record in generate_pass(pipe, all_jobs, out, base, rank, world, progress):
+        for record in generate_pass(pipe, plan.jobs, out, plan.base, rank, world, progress):
             summary.generated += 1
             if record["status"] == "error":
                 summary.failed += 1
                 summary.first_error = summary.first_error or record["error"]
     _score_and_judge(settings, summary, metrics, rank, world)
-    _finish(summary, shard(all_jobs, rank, world), out)
+    _finish(summary, shard(plan.jobs, rank, world), out)
     return summary
+
+
+def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
+    """Every check, in order of cost; the run folder and run.json are created here (not in a dry run)."""
+    from ..generate import prepare_output_dir
+    from .runner import BASELINES, jobs_for, process_device, process_rank
+
+    data = dreambench_plus_data(settings.benchmark) if settings.protocol else settings.benchmark
+    cases = load_benchmark(data)[: settings.limit]
+    echo(f"benchmark {data}: {describe(cases)}")
+    out = Path(settings.out).expanduser() if settings.dry_run else prepare_output_dir(settings.out)
+    world = process_rank()[1]
+    device = process_device() if world > 1 and settings.device == "auto" else settings.device
+    pipe, info = _model(settings, settings.template.replace(device=device, out=out))
+    profile = info.profile(settings.adapter)
+    methods = settings.method or (BASELINES[profile], "conceptrol")
+    if settings.protocol:
+        applied = apply_protocol(settings, profile, BASELINES[profile])
+        settings, scales, from_preset = applied.settings, applied.method_scales, applied.from_preset
+        echo(f"protocol {settings.protocol}: from its presets {', '.join(from_preset) or 'nothing'} (flags given "
+             "explicitly win)")
+    else:
+        scales, from_preset = {m: settings.scale or (SCALE,) for m in methods}, ()
+    base = settings.template.replace(device=device, out=out)
+    _check_cases(settings, base, info, cases, echo)
+    identity = run_identity(settings, base, info)
+    check_run_file(out, identity, settings.benchmark, write=not settings.dry_run,
+                   extra={"protocol": settings.protocol, "from_preset": list(from_preset)})
+    plan = Plan(settings, base, info, pipe, jobs_for(cases, scales, settings.seeds), from_preset)
+    _check_judge(plan, echo)
+    if settings.dry_run:
+        _describe_plan(plan, echo)
+    return plan
+
+
+def _check_judge(plan: Plan, echo: Callable[[str], None]) -> None:
+    """The judge answers; its templates exist and did not change; its cost is printed and, unless --yes, confirmed."""
+    settings = plan.settings
+    judge = settings.judge
+    if judge is None:
+        return
+    from .judge import check_judge, judge_cost
+    from .runs import check_judge_file
+
+    check_judge(judge)
+    check_judge_file(plan.base.out, judge, write=not settings.dry_run)
+    from .runner import read_all, latest
+
+    judged = {key for key, r in latest(read_all(plan.base.out, "judgements")).items() if r.get("status", "ok") == "ok"}
+    pending = [job for job in plan.jobs if job.key not in judged] if plan.base.out.exists() else plan.jobs
+    echo(f"judge: {judge_cost(judge, len(pending), [job.case.category for job in pending]).describe()}")
+    if settings.yes or settings.dry_run:
+        return
+    import sys
+
+    if not sys.stdin.isatty():
+        raise ConceptrolError("a judged run costs money (see the line above); pass --yes to start it from a script")
+    if input("Start the run? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise ConceptrolError("stopped before starting: nothing was generated or judged")
+
+
+def _describe_plan(plan: Plan, echo: Callable[[str], None]) -> None:
+    """A dry run's list: jobs per method and scale still to generate, and an example of each."""
+    from collections import Counter
+
+    from .runner import latest, read_all
+
+    done = {k for k, r in latest(read_all(plan.base.out, "generations")).items() if r.get("status") == "ok"} \
+        if plan.base.out.exists() else set()
+    todo = [job for job in plan.jobs if job.key not in done]
+    counts = Counter((job.method, job.scale) for job in todo)
+    echo(f"dry run: {len(todo)} of {len(plan.jobs)} jobs to generate "
+         + "; ".join(f"{m} at scale {s:g}: {n}" for (m, s), n in sorted(counts.items())))
+    for job in todo[:3]:
+        echo(f"  e.g. {job.key}: {job.case.prompt!r} (concept {job.case.concept!r})")
+    echo("dry run: nothing was generated, scored or judged")
 
 
 def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any]:
@@ -249,7 +337,9 @@ def _score_and_judge(settings: EvaluateSettings, summary: EvaluateSummary, metri
             summary.scored = sum(1 for _ in score_pass(metrics, summary.out, rank, world, progress))
     if settings.judge is not None:
         with _progress("judge", rank, world) as progress:
-            summary.judged = sum(1 for _ in judge_pass(settings.judge, summary.out, rank, world, progress))
+            for verdict in judge_pass(settings.judge, summary.out, rank, world, progress):
+                summary.judged += 1
+                summary.judge_failed += verdict.get("status") == "error"
 
 
 def _finish(summary: EvaluateSummary, my_jobs: list, out: Path) -> None:

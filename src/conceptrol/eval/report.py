@@ -195,8 +195,12 @@ def _save_figure(plt: object, figure: object, path: Path) -> Path:
     return path
 
 
-def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), max_cases: int = 12) -> Path:
-    """report.html: settings, the table, notes, the plots and a grid of reference -> outputs, all embedded."""
+def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), max_cases: int = 12,
+               paper: list[dict] | None = None) -> Path:
+    """report.html: settings, the table, notes, the plots, the comparison with the paper's Table 1 when the run
+    has one (`paper`: paper.paper_rows, computed here when None) and a grid of reference -> outputs, all embedded."""
+    from .paper import paper_html
+
     data = run if isinstance(run, RunData) else load_run(run)
     settings, by_case = _outputs_by_case(data)
     names = ("method", "scale", *columns(rows))
@@ -215,7 +219,8 @@ def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), ma
         "<style>body{font-family:sans-serif}td,th{padding:4px;border:1px solid #ccc}td img{width:160px}</style>"
         f"<h1>{html.escape(data.out.name)}</h1><ul>{described}</ul><table><tr>"
         + "".join(f"<th>{n}</th>" for n in names) + f"</tr>{table}</table>"
-        + "".join(_img(data, plot, 900) for plot in plots if plot.name != "grid.png")
+        + "".join(_img(data, plot, 900) for plot in plots if plot.name not in ("grid.png", "paper.png"))
+        + paper_html(data, paper)
         + f"<h2>Reference &rarr; outputs</h2><table><tr><th>prompt</th><th>reference</th>{head}</tr>{''.join(grid)}</table>"
     )
     path = data.out / "report.html"

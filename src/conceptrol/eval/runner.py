@@ -61,6 +61,11 @@ def jobs(cases: list[Case], methods: Iterable[str], scales: Iterable[float], see
     return [Job(c, m, float(s), seed) for m in methods for s in scales for seed in seeds for c in cases]
 
 
+def jobs_for(cases: list[Case], scales: dict[str, Iterable[float]], seeds: Iterable[int]) -> list[Job]:
+    """`jobs` with each method at its own scales (a protocol's per-method presets)."""
+    return [job for method, method_scales in scales.items() for job in jobs(cases, [method], method_scales, seeds)]
+
+
 def job_settings(base: GenerateSettings, job: Job) -> GenerateSettings:
     """The generation of one job; baselines (masking none) always run without warm-up (start 0)."""
     masking = METHODS[job.method]
@@ -156,10 +161,14 @@ def score_pass(metrics: Any, out: Path, rank: int = 0, world_size: int = 1,
 def judge_pass(judge: Any, out: Path, rank: int = 0, world_size: int = 1,
                progress: JobProgress | None = None) -> Iterator[dict]:
     """Ask the judge about this rank's generated-but-unjudged images; each answer is kept as it arrives."""
-    from .judge import judge_case
+    from .judge import JudgeAnswerError, judge_case
 
     def verdict(record: dict, image: Image.Image, reference: Image.Image) -> dict:
-        return judge_case(judge, reference, image, record["prompt"], record["concept"])
+        try:
+            return judge_case(judge, reference, image, record["prompt"], record["concept"],
+                              category=record.get("category", ""))
+        except JudgeAnswerError as error:  # no readable score after the retries: a failed judgement, redone on resume
+            return {"status": "error", "error": str(error)}
 
     return _image_pass(out, "judgements", rank, world_size, verdict, progress)
 

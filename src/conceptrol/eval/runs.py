@@ -12,6 +12,7 @@ from ..errors import ConceptrolError, ConceptrolWarning
 from ..outputs import write_json_atomic
 
 RUN_FILE = "run.json"
+JUDGE_FILE = "judge.json"
 FORMAT = 1
 
 
@@ -55,15 +56,23 @@ def read_run_file(out: Path) -> dict[str, Any] | None:
     return stored
 
 
-def check_run_file(out: Path, identity: dict[str, Any], benchmark: Path) -> None:
-    """Write run.json for a new run folder; for an existing one, refuse settings that differ from the stored ones."""
+def check_run_file(out: Path, identity: dict[str, Any], benchmark: Path, write: bool = True,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write run.json for a new run folder; for an existing one, refuse settings that differ from the stored ones.
+
+    `extra` is stored beside the settings for the reader (e.g. the protocol and which values came from its
+    presets) and not compared; `write=False` (a dry run) only compares.
+    """
     from .. import __version__
 
     stored = read_run_file(out)
     if stored is None:
+        if not write:
+            return
         write_json_atomic({
             "format": FORMAT, "settings": identity, "benchmark": str(Path(benchmark).expanduser().resolve()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "conceptrol": __version__, "diffusers": _diffusers(),
+            **(extra or {}),
         }, Path(out) / RUN_FILE, replace=False)
         stored = read_run_file(out)  # another process may have written it first: compare with that one
     differences = [f"{key} {stored['settings'].get(key)!r} there, {value!r} now" for key, value in identity.items()
@@ -81,3 +90,33 @@ def _diffusers() -> str:
     import diffusers
 
     return diffusers.__version__
+
+
+def judge_identity(config: Any) -> dict[str, Any]:
+    """What decides a run's judgements: the protocol, the model, the runs, the answer limit, the templates' digests."""
+    return {"protocol": config.protocol, "model": config.model, "runs": config.runs, "max_tokens": config.max_tokens,
+            "templates": config.template_digest}
+
+
+def check_judge_file(out: Path, config: Any, write: bool = True) -> None:
+    """judge.json: written by a run's first judged pass; later passes must judge the same way (no mixed verdicts)."""
+    from .dreambench_judge import changed_templates
+
+    path, identity = Path(out) / JUDGE_FILE, judge_identity(config)
+    if not path.exists():
+        if write:
+            write_json_atomic(identity, path, replace=False)
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConceptrolError(f"{path} is damaged ({error}); restore it, or pass a new --out") from None
+    changed = changed_templates(stored.get("templates", {}), identity["templates"])
+    if changed:
+        raise ConceptrolError(f"DreamBench++ template(s) {', '.join(changed)} changed since {out} was judged; restore "
+                              "them, or pass a new --out")
+    differences = [f"{key} {stored.get(key)!r} there, {value!r} now" for key, value in identity.items()
+                   if key != "templates" and stored.get(key) != value]
+    if differences:
+        raise ConceptrolError(f"{out} was judged with another judge ({'; '.join(differences)}); judge it the same way, "
+                              "or pass a new --out")
