@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -13,11 +14,18 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from PIL import Image
 from torch import Tensor
 
-from .backends.ominicontrol import OminiControlTransformer, block_names, lora_layers
+from .backends.ominicontrol import (
+    SUBJECT_ADAPTER,
+    OminiControlTransformer,
+    block_names,
+    lora_adapters,
+    lora_layers,
+    subject_adapter,
+)
 from .backends.ominicontrol_pipeline import OminiControlInputs, OminiControlSettings, TextInputs, run_ominicontrol
 from .concepts import ResolvedConcepts, as_span, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig
-from .errors import ConceptrolError
+from .errors import ConceptrolError, ConceptrolWarning
 from .processors.flux import FluxCall
 from .state import ConceptMasks
 
@@ -30,6 +38,20 @@ MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit on T5 tokens
 
 def is_flux_pipeline(pipe: Any) -> bool:
     return hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks")
+
+
+def carries_ominicontrol(pipe: Any, redux: Any = None) -> bool:
+    """Whether `pipe` carries OminiControl's subject LoRA: a LoRA adapter named "subject", or LoRAs alone.
+
+    LoRAs without one named "subject" count as OminiControl's only when no other reference adapter is there
+    (XLabs' IP-Adapter, Kontext, a Redux prior), as when OminiControl was loaded without an adapter_name; next to
+    one of those they are ordinary LoRAs (a style or character LoRA).
+    """
+    adapters = lora_adapters(pipe.transformer)
+    if not adapters or SUBJECT_ADAPTER in adapters:
+        return bool(adapters)
+    return not (redux is not None or "Kontext" in type(pipe).__name__
+                or any(hasattr(p, "to_k_ip") for p in pipe.transformer.attn_processors.values()))
 
 
 @dataclass(frozen=True)
@@ -145,8 +167,11 @@ class FluxConceptrolHandle:
     def __init__(self, pipe: Any, config: ConceptrolConfig) -> None:
         if config.masking == "local":
             raise ConceptrolError("FLUX has no local masking; use masking='global' (Conceptrol) or 'none' (OminiControl)")
-        if not lora_layers(pipe.transformer):
-            raise ConceptrolError(f"this FLUX pipeline has no OminiControl LoRA; {LORA_HINT}")
+        adapter = _subject_lora(pipe.transformer)
+        if adapter != SUBJECT_ADAPTER:
+            warnings.warn(f"taking the LoRA adapter {adapter!r} for OminiControl's subject LoRA; load OminiControl with "
+                          f"adapter_name={SUBJECT_ADAPTER!r} to say so (and to load other LoRAs next to it)",
+                          ConceptrolWarning, stacklevel=4)  # at the apply_conceptrol call
         blocks = block_names(pipe.transformer)
         if config.concept_layer not in blocks:
             close = difflib.get_close_matches(config.concept_layer, blocks, n=3)
@@ -155,8 +180,9 @@ class FluxConceptrolHandle:
         rereads = [b for b in REREAD_BLOCKS if b in blocks] if config.concept_layer == CONCEPT_LAYERS["flux"] else []
         self.mask_blocks = (config.concept_layer, *rereads)
         self.pipe, self.config = pipe, config
-        self.runner: OminiControlTransformer | None = OminiControlTransformer(pipe.transformer, self.mask_blocks)
+        self.runner: OminiControlTransformer | None = OminiControlTransformer(pipe.transformer, self.mask_blocks, adapter)
         self.masks: ConceptMasks | None = None
+        self._warned_compiled = False
 
     def __call__(self, prompt: str | list[str] | None = None, concepts: list | None = None,
                  image: Image.Image | None = None, **kwargs: Any) -> FluxPipelineOutput | tuple:
@@ -165,7 +191,8 @@ class FluxConceptrolHandle:
         Takes FluxPipeline.__call__'s keywords (see `FluxCallArgs`) plus `condition_size`; those it cannot honour
         (IP-Adapter images) raise ConceptrolError. The concept is looked up in the T5 prompt (`prompt_2` when
         given, else `prompt`); with `prompt_embeds` instead of a prompt, `concepts` holds a (start, end) T5 token
-        span. `joint_attention_kwargs={"scale": s}` scales the LoRA (the subject LoRA: the condition tokens).
+        span. `joint_attention_kwargs={"scale": s}` scales every active LoRA, as in FluxPipeline. The subject LoRA
+        acts on the condition tokens only; other LoRAs (a style LoRA) act on every token, as the user set them.
         True CFG (`true_cfg_scale > 1` and a negative prompt or negative embeddings) runs, each step, the positive
         pass first and then a negative pass that also sees the condition tokens; the negative pass reads no concept
         mask: all its blocks use the mask the positive pass left (the same Â and concept span positions, so the
@@ -180,10 +207,23 @@ class FluxConceptrolHandle:
             raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt for the reference image")
         settings = self._settings(args)
         resolved = self._resolve(args, concepts)
+        self._warn_if_compiled()
+        # the LoRAs as they are now (loaded, unloaded or fused since apply_conceptrol)
+        self.runner = OminiControlTransformer(self.pipe.transformer, self.mask_blocks, _subject_lora(self.pipe.transformer))
         call = FluxCall(spans=None if self.config.masking == "none" else [s[0] for s in resolved.spans])
         images = run_ominicontrol(self.pipe, self.runner, call, _generation_inputs(args, image), settings, args.output_type)
         self.masks = self._masks(call, resolved.labels, settings)
         return FluxPipelineOutput(images=images) if args.return_dict else (images,)
+
+    def _warn_if_compiled(self) -> None:
+        """OminiControl calls the transformer's blocks itself, so a compiled transformer forward is not used."""
+        transformer = self.pipe.transformer
+        compiled = getattr(transformer, "_compiled_call_impl", None) is not None or hasattr(transformer, "_orig_mod")
+        if compiled and not self._warned_compiled:
+            self._warned_compiled = True
+            warnings.warn("OminiControl runs its own transformer forward (its subject LoRA acts on the condition "
+                          "tokens only), so the compiled transformer is not used: this handle runs eager",
+                          UserWarning, stacklevel=3)
 
     def remove(self) -> None:
         """Nothing is installed on the pipeline; the handle just stops working."""
@@ -224,6 +264,28 @@ class FluxConceptrolHandle:
         at_concept_block = call.records[:: len(self.mask_blocks)]  # one read per step at the concept block
         masks = torch.stack([m.float().cpu().view(m.shape[0], 1, *grid) for m in at_concept_block])
         return ConceptMasks(masks=masks, concepts=labels, layer=self.config.concept_layer)
+
+
+def _subject_lora(transformer: Any) -> str:
+    """The subject LoRA's adapter name; it has to be active and unfused (only the condition tokens may see it)."""
+    adapter = subject_adapter(transformer)
+    if adapter is None:
+        raise ConceptrolError(f"this FLUX pipeline has no OminiControl LoRA; {LORA_HINT}")
+    layers = lora_layers(transformer, adapter)
+    if any(adapter not in layer.active_adapters for layer in layers):
+        active = sorted({name for layer in lora_layers(transformer) for name in layer.active_adapters})
+        raise ConceptrolError(
+            f"OminiControl's subject LoRA {adapter!r} is not active (active: {active}; loading a LoRA makes it the only "
+            f"active one): call pipe.set_adapters([{adapter!r}, ...]) with every LoRA to use, e.g. "
+            f"pipe.set_adapters({sorted({adapter, *active})})")
+    fused = sorted({name for layer in layers for name in layer.merged_adapters})
+    if fused:
+        raise ConceptrolError(
+            f"LoRA {fused} is fused into layers of OminiControl's subject LoRA {adapter!r}; Conceptrol switches the "
+            "subject LoRA on for the reference tokens only, which a fused subject LoRA cannot do, and peft applies no "
+            "unfused LoRA in a layer with a fused one: call pipe.unfuse_lora() first. To bake a style LoRA into the "
+            "weights, fuse it and call pipe.unload_lora_weights() before loading OminiControl")
+    return adapter
 
 
 def _generation_inputs(args: FluxCallArgs, image: Image.Image) -> OminiControlInputs:

@@ -7,18 +7,24 @@ timestep embedding of t = 0, and their own rotary position ids. Every block atte
 [text | latent | condition] with the additive bias of `processors.flux`. Diffusers' own FLUX forward has
 no third stream, so this module re-implements the forward (following diffusers' FluxTransformer2DModel,
 FluxTransformerBlock and FluxSingleTransformerBlock); with no condition it equals diffusers' output.
+
+Other LoRAs next to the subject LoRA (a style LoRA, say) stay as the user set them, for every token: only the
+subject adapter is switched off for text and latent tokens. Since the forward calls the transformer's and the
+blocks' submodules rather than their `forward`, it runs their offloading hooks itself (`offload_hooks`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor, nn
 
+from ..errors import ConceptrolError
 from ..processors.flux import DEFAULT_MASK_BLOCKS, FluxCall, FluxConceptrolAttention, JointLayout
 
 
@@ -42,22 +48,79 @@ class StepInputs:
     guidance: Tensor | None = None  # [B] for guidance-distilled models (FLUX.1-dev)
 
 
-def lora_layers(module: nn.Module) -> list[nn.Module]:
-    """peft's LoRA-wrapped layers inside `module` (empty when no adapter is loaded)."""
-    return [m for m in module.modules() if hasattr(m, "enable_adapters") and hasattr(m, "base_layer")]
+SUBJECT_ADAPTER = "subject"  # the adapter name OminiControl's README and conceptrol.loading give the subject LoRA
+OFFLOAD_HOOKS = ("lazy_prefetch_group_offloading", "layer_execution_tracker", "group_offloading")  # diffusers' names,
+# outermost first (the order a hooked forward runs their pre_forward in)
+
+
+def lora_layers(module: nn.Module, adapter: str | None = None) -> list[nn.Module]:
+    """peft's LoRA-wrapped layers inside `module` (empty when no adapter is loaded); with `adapter`, those that carry it."""
+    layers = [m for m in module.modules() if hasattr(m, "enable_adapters") and hasattr(m, "base_layer")]
+    return layers if adapter is None else [m for m in layers if adapter in _adapters_of(m)]
+
+
+def lora_adapters(module: nn.Module) -> list[str]:
+    """The names of the LoRA adapters loaded into `module`, sorted."""
+    return sorted({name for layer in lora_layers(module) for name in _adapters_of(layer)})
+
+
+def _adapters_of(layer: nn.Module) -> set[str]:
+    return {name for attr in layer.adapter_layer_names for name in getattr(layer, attr, {})}
+
+
+def subject_adapter(module: nn.Module) -> str | None:
+    """OminiControl's subject LoRA in `module`: the adapter named "subject", else the only one; None without any."""
+    adapters = lora_adapters(module)
+    if not adapters:
+        return None
+    if SUBJECT_ADAPTER in adapters or len(adapters) == 1:
+        return SUBJECT_ADAPTER if SUBJECT_ADAPTER in adapters else adapters[0]
+    raise ConceptrolError(f"this transformer has the LoRA adapters {adapters} and none is named {SUBJECT_ADAPTER!r}, so "
+                          "it is unclear which one is OminiControl's; load OminiControl with adapter_name="
+                          f"{SUBJECT_ADAPTER!r}, e.g. pipe.load_lora_weights(\"Yuanshi/OminiControl\", "
+                          f"weight_name=\"omini/subject_512.safetensors\", adapter_name={SUBJECT_ADAPTER!r})")
 
 
 @contextmanager
-def lora_off(layers: list[nn.Module]) -> Iterator[None]:
-    """Run with the given LoRA layers switched off (text and latent tokens), restoring their state after."""
-    previous = [layer.disable_adapters for layer in layers]
-    for layer in layers:
-        layer.enable_adapters(False)
+def adapter_off(layers: list[nn.Module], adapter: str | None) -> Iterator[None]:
+    """Run with `adapter` taken out of the layers' active adapters (text and latent tokens); other LoRAs stay as set."""
+    switched = [(layer, list(layer.active_adapters)) for layer in layers if adapter in layer.active_adapters]
+    for layer, active in switched:
+        _set_active(layer, [name for name in active if name != adapter])
     try:
         yield
     finally:
-        for layer, was_disabled in zip(layers, previous):
-            layer.enable_adapters(not was_disabled)
+        for layer, active in switched:
+            _set_active(layer, active)
+
+
+def _set_active(layer: nn.Module, adapters: list[str]) -> None:
+    """peft's `set_adapter`, keeping every parameter's requires_grad as it was (set_adapter marks active ones trainable)."""
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
+    layer.set_adapter(adapters)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+@contextmanager
+def offload_hooks(module: nn.Module) -> Iterator[None]:
+    """Run `module`'s offloading hooks around code that calls its submodules instead of its `forward`.
+
+    As diffusers' `apply_forward_hook` does for AutoencoderKL.encode: accelerate's hook (enable_model_cpu_offload
+    moves the whole model to the execution device) and diffusers' group-offloading hooks (enable_group_offload
+    onloads a group of blocks, or the top-level modules, and offloads them after).
+    """
+    hooks = [module._hf_hook] if hasattr(module, "_hf_hook") else []
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None:
+        hooks += [hook for name in OFFLOAD_HOOKS if (hook := registry.get_hook(name)) is not None]
+    for hook in hooks:
+        hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        for hook in reversed(hooks):
+            hook.post_forward(module, None)
 
 
 def block_names(transformer: nn.Module) -> list[str]:
@@ -67,17 +130,24 @@ def block_names(transformer: nn.Module) -> list[str]:
 
 
 class OminiControlTransformer:
-    """Runs a diffusers FluxTransformer2DModel with OminiControl's condition stream; roles fixed by block name."""
+    """Runs a diffusers FluxTransformer2DModel with OminiControl's condition stream; roles fixed by block name.
 
-    def __init__(self, transformer: nn.Module, mask_blocks: tuple[str, ...] = DEFAULT_MASK_BLOCKS) -> None:
+    `adapter` names the subject LoRA (by default `subject_adapter(transformer)`); it is the one adapter switched off
+    for text and latent tokens.
+    """
+
+    def __init__(self, transformer: nn.Module, mask_blocks: tuple[str, ...] = DEFAULT_MASK_BLOCKS,
+                 adapter: str | None = None) -> None:
         self.transformer = transformer
+        adapter = subject_adapter(transformer) if adapter is None else adapter
         blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        # (block, its attention role, its own LoRA layers): each block switches only its own LoRA off and on
-        self.blocks = [(block, FluxConceptrolAttention(name in mask_blocks), lora_layers(block))
+        # (block, its attention role, subject LoRA off in its own layers): each block switches only its own layers
+        self.blocks = [(block, FluxConceptrolAttention(name in mask_blocks), _switch([block], adapter))
                        for name, block in zip(block_names(transformer), blocks)]
         self.num_double = len(transformer.transformer_blocks)
         self._no_read = FluxConceptrolAttention(reads_mask=False)  # every block of a pass that reads no mask
-        self._lora = {name: lora_layers(getattr(transformer, name)) for name in ("x_embedder", "norm_out", "proj_out")}
+        self._latent_lora_off = _switch([transformer.x_embedder], adapter)
+        self._output_lora_off = _switch([transformer.norm_out, transformer.proj_out], adapter)
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, inputs: StepInputs, condition: ConditionTokens | None, call: FluxCall,
@@ -87,8 +157,20 @@ class OminiControlTransformer:
         With `read_masks=False` no block reads Â: every block uses `call`'s current mask (true CFG's negative pass).
         """
         model = self.transformer
-        dtype = latents.dtype
-        with lora_off(self._lora["x_embedder"]):
+        with offload_hooks(model):  # as model(...) would: onload the model (or its top-level modules)
+            streams = self._embed(latents, inputs, condition, call, condition_scale)
+            for index, (block, attention, lora_off) in enumerate(self.blocks):
+                router = attention if read_masks else self._no_read
+                with offload_hooks(block):
+                    (_double_block if index < self.num_double else _single_block)(block, streams, router, lora_off)
+            with self._output_lora_off():
+                return model.proj_out(model.norm_out(streams.latent, streams.temb))
+
+    def _embed(self, latents: Tensor, inputs: StepInputs, condition: ConditionTokens | None, call: FluxCall,
+               condition_scale: float) -> _Streams:
+        """The three token streams entering the first block, with their timestep embeddings and rotary tables."""
+        model, dtype = self.transformer, latents.dtype
+        with self._latent_lora_off():
             x = model.x_embedder(latents)
         temb = _time_embedding(model, inputs.timestep, inputs, dtype)
         text = model.context_embedder(inputs.text)
@@ -98,12 +180,13 @@ class OminiControlTransformer:
             cond = model.x_embedder(condition.tokens.to(dtype))  # LoRA on: condition tokens
             cond_temb = _time_embedding(model, torch.zeros_like(inputs.timestep), inputs, dtype)
             cond_rotary = model.pos_embed(condition.ids)
-        streams = _Streams(text, x, cond, temb, cond_temb, rotary, cond_rotary, call, condition_scale)
-        for index, (block, attention, lora) in enumerate(self.blocks):
-            router = attention if read_masks else self._no_read
-            (_double_block if index < self.num_double else _single_block)(block, streams, router, lora)
-        with lora_off(self._lora["norm_out"] + self._lora["proj_out"]):
-            return model.proj_out(model.norm_out(streams.latent, temb))
+        return _Streams(text, x, cond, temb, cond_temb, rotary, cond_rotary, call, condition_scale)
+
+
+def _switch(modules: list[nn.Module], adapter: str | None) -> Callable[[], AbstractContextManager]:
+    """A context to enter for text and latent tokens: `adapter` off in the LoRA layers of `modules` that carry it."""
+    layers = [layer for module in modules for layer in lora_layers(module, adapter)] if adapter is not None else []
+    return partial(adapter_off, layers, adapter)
 
 
 def _time_embedding(model: nn.Module, timestep: Tensor, inputs: StepInputs, dtype: torch.dtype) -> Tensor:
@@ -149,10 +232,11 @@ def _image_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return attn.norm_q(q), attn.norm_k(k), v
 
 
-def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention, lora: list[nn.Module]) -> None:
+def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention,
+                  lora_off: Callable[[], AbstractContextManager]) -> None:
     """FluxTransformerBlock with a condition stream (diffusers' FluxTransformerBlock.forward, three streams)."""
     attn, text_len, latent_len = block.attn, s.text.shape[1], s.latent.shape[1]
-    with lora_off(lora):  # latent and text tokens: LoRA off (text modules may carry none at all)
+    with lora_off():  # latent and text tokens: subject LoRA off (text modules may carry none at all)
         x, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(s.latent, emb=s.temb)
         q, k, v = _image_qkv(attn, x)
         t, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(s.text, emb=s.temb)
@@ -164,7 +248,7 @@ def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention
         cq, ck, cv = _image_qkv(attn, c)
     out = _joint_attention(s, torch.cat((tq, q), 1), torch.cat((tk, k), 1), torch.cat((tv, v), 1), cq, ck, cv, router)
     text_out, latent_out = out[:, :text_len], out[:, text_len : text_len + latent_len]
-    with lora_off(lora):
+    with lora_off():
         latent_out = attn.to_out[1](attn.to_out[0](latent_out.contiguous()))
         s.latent = s.latent + gate.unsqueeze(1) * latent_out
         normed = block.norm2(s.latent) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -182,11 +266,12 @@ def _double_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention
         s.text = s.text.clip(-65504, 65504)
 
 
-def _single_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention, lora: list[nn.Module]) -> None:
+def _single_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention,
+                  lora_off: Callable[[], AbstractContextManager]) -> None:
     """FluxSingleTransformerBlock with a condition stream (diffusers' FluxSingleTransformerBlock.forward)."""
     attn, text_len = block.attn, s.text.shape[1]
     joint = torch.cat((s.text, s.latent), dim=1)
-    with lora_off(lora):
+    with lora_off():
         x, gate = block.norm(joint, emb=s.temb)
         mlp = block.act_mlp(block.proj_mlp(x))
         q, k, v = _image_qkv(attn, x)
@@ -196,7 +281,7 @@ def _single_block(block: nn.Module, s: _Streams, router: FluxConceptrolAttention
         cond_mlp = block.act_mlp(block.proj_mlp(c))
         cq, ck, cv = _image_qkv(attn, c)
     out = _joint_attention(s, q, k, v, cq, ck, cv, router)
-    with lora_off(lora):
+    with lora_off():
         joint = joint + gate.unsqueeze(1) * block.proj_out(torch.cat((out[:, : joint.shape[1]], mlp), dim=2))
     if joint.dtype == torch.float16:
         joint = joint.clip(-65504, 65504)

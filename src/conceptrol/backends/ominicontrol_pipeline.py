@@ -1,7 +1,8 @@
 """OminiControl's denoising loop around a stock diffusers FluxPipeline (its encoders, VAE and scheduler).
 
 Follows FluxPipeline.__call__ (pipelines/flux/pipeline_flux.py) step by step, adding the condition
-tokens of the reference image and calling `OminiControlTransformer` instead of the transformer.
+tokens of the reference image and calling `OminiControlTransformer` instead of the transformer. Tensors are
+made on `pipe._execution_device`, as there, so offloading (model, sequential, group) works as with FluxPipeline.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class OminiControlSettings:
     max_sequence_length: int = 512
     sigmas: list[float] | None = None  # custom sigmas (FluxPipeline's); None = linspace(1, 1/steps, steps)
     true_cfg_scale: float = 1.0  # s of true CFG: neg + s * (pos - neg), run only when a negative prompt is given
-    lora_scale: float | None = None  # joint_attention_kwargs["scale"]: scales every LoRA layer (the subject LoRA)
+    lora_scale: float | None = None  # joint_attention_kwargs["scale"]: scales every active LoRA, as in FluxPipeline
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,17 @@ class EncodedText:
     ids: Tensor  # [T, 3]
 
 
-def encode_condition(pipe: Any, image: Image.Image, batch: int, settings: OminiControlSettings) -> ConditionTokens:
+def encode_condition(pipe: Any, image: Image.Image, batch: int, settings: OminiControlSettings,
+                     device: torch.device) -> ConditionTokens:
     """The reference as packed VAE-latent tokens (distribution mean) with ids (0, row, col + packed width)."""
     size = settings.condition_size
     pixels = pipe.image_processor.preprocess(image.convert("RGB").resize((size, size), Image.BICUBIC), height=size, width=size)
-    pixels = pixels.to(pipe.vae.device, pipe.vae.dtype)
+    pixels = pixels.to(device, pipe.vae.dtype)
     latents = pipe.vae.encode(pixels).latent_dist.mean
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor  # [1, C, h, w]
     channels, h, w = latents.shape[1:]
     tokens = pipe._pack_latents(latents, 1, channels, h, w).repeat(batch, 1, 1)
-    ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, pipe.device, tokens.dtype)
+    ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, tokens.dtype)
     ids[:, 2] += settings.width // (pipe.vae_scale_factor * 2)  # shifted right by the output's packed width
     return ConditionTokens(tokens=tokens, ids=ids)
 
@@ -145,7 +147,7 @@ def run_ominicontrol(pipe: Any, runner: OminiControlTransformer, call: FluxCall,
     `callback_on_step_end_tensor_inputs` and may return replacements for "latents" and "prompt_embeds";
     `pipe.num_timesteps`, `pipe.current_timestep` and `pipe.interrupt` work as there.
     """
-    device = pipe.transformer.device
+    device = pipe._execution_device  # with offloading the models' own devices say where they are stored, not run
     text = encode_text(pipe, inputs.text, inputs.num_images_per_prompt, settings, device)
     negative = None
     if inputs.negative is not None:
@@ -154,14 +156,16 @@ def run_ominicontrol(pipe: Any, runner: OminiControlTransformer, call: FluxCall,
     latents, img_ids = pipe.prepare_latents(batch, channels, settings.height, settings.width, text.embeds.dtype, device,
                                             inputs.generator, inputs.latents)
     _check_batches(text, negative, latents, (batch, img_ids.shape[0], channels * 4))
-    condition = encode_condition(pipe, inputs.image, batch, settings) if inputs.image is not None else None
+    condition = encode_condition(pipe, inputs.image, batch, settings, device) if inputs.image is not None else None
     guidance = None
     if pipe.transformer.config.guidance_embeds:
         guidance = torch.full((batch,), settings.guidance_scale, device=device, dtype=torch.float32)
     loop = _Loop(runner, call, condition, img_ids, guidance, negative, settings)
     with lora_scaled(pipe.transformer, settings.lora_scale):
         latents = _denoise(pipe, loop, inputs, latents, text)
-    return _decode(pipe, latents, settings, output_type)
+    images = _decode(pipe, latents, settings, output_type)
+    pipe.maybe_free_model_hooks()  # as FluxPipeline: offload the last model (enable_model_cpu_offload)
+    return images
 
 
 def _denoise(pipe: Any, loop: _Loop, inputs: OminiControlInputs, latents: Tensor, text: EncodedText) -> Tensor:
