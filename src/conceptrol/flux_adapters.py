@@ -15,6 +15,7 @@ import difflib
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .backends.ominicontrol import block_names
 from .callbacks import chain_step_callback
@@ -22,7 +23,7 @@ from .concepts import ResolvedConcepts, as_span, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig
 from .errors import ConceptrolError
 from .processors.flux import SequenceLayout
-from .processors.flux_blocks import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode
+from .processors.flux_blocks import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode, check_bias_backend
 from .state import ConceptMasks
 
 REREAD_BLOCKS = ("single_transformer_blocks.18", "single_transformer_blocks.37")  # as the reference re-reads
@@ -68,11 +69,14 @@ class FluxAdapterHandle:
         if concepts is None:
             raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt per reference image")
         _check_sizes(self.pipe, kwargs)
+        if self._adds_bias():
+            check_bias_backend(list(self._installed.values()), self.name)
         num_references = self._check_call(prompt, kwargs)
         resolved = self._resolve(prompt, concepts, kwargs, num_references)
         masking = self.config.masking != "none"
         self.state.call = AdapterCall(spans=resolved.spans if masking else None,
                                       total_steps=int(kwargs.get("num_inference_steps") or 28))
+        self.state.follow_window()
         try:
             return self._run(prompt, chain_step_callback(kwargs, self._on_step_end))
         finally:
@@ -112,6 +116,12 @@ class FluxAdapterHandle:
         raise NotImplementedError
 
     # Shared machinery.
+    def _adds_bias(self) -> bool:
+        """Whether calls put an additive bias on the attention: the bias mode, unless it would be all zeros."""
+        config = self.config
+        plain = config.masking == "none" and config.scale in (None, 1.0) and config.start == 0 and config.end == 1
+        return self.mode == "bias" and not plain
+
     def _resolve(self, prompt: Any, concepts: list, kwargs: dict, num_references: int) -> ResolvedConcepts:
         """The concepts' spans in the T5 tokens of every sample: the T5 prompt is prompt_2 when given, else prompt."""
         t5_prompt = kwargs.get("prompt_2") or prompt
@@ -133,24 +143,25 @@ class FluxAdapterHandle:
         return resolved
 
     def _on_step_end(self, step: int) -> None:
-        call = self.state.call
-        call.step, call.passes = step + 1, 0
+        self.state.call.end_step(step)
+        self.state.follow_window()
 
+    @torch.compiler.disable  # plain Python between transformer calls: a compiled transformer neither traces nor guards on it
     def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Each transformer call: which pass it is, the sequence layout and the latent grid, the steps run."""
+        """Each transformer call: which pass it is, the latent grid and the sequence layout, the steps run."""
         call = self.state.call
         if call is None:
             return
         call.passes += 1
+        call.negative = call.passes > 1
+        if call.grid is None and kwargs.get("img_ids") is not None:
+            call.grid = _latent_grid(kwargs["img_ids"])
         call.layout = self._layout(kwargs)
-        ids = kwargs.get("img_ids")
-        if ids is not None:
-            ids = ids[0] if ids.ndim == 3 else ids
-            latent = ids[ids[:, 0] == 0]  # a reference's ids (Kontext) have first coordinate 1
-            call.grid = (int(latent[:, 1].max()) + 1, int(latent[:, 2].max()) + 1)
         steps = getattr(self.pipe, "_num_timesteps", None)
         if isinstance(steps, int) and steps > 0:
             call.total_steps = steps
+        self.state.follow_window()
+        self.state.prepare(kwargs["hidden_states"].device)
 
     def _masks(self, call: AdapterCall | None, labels: list[list[str]]) -> ConceptMasks | None:
         if call is None or not call.records or call.grid is None:
@@ -174,6 +185,14 @@ def _check_block(block: str, blocks: list[str]) -> None:
     close = difflib.get_close_matches(block, blocks, n=3)
     raise ConceptrolError(f"concept block {block!r} is not a block of this transformer"
                           + (f"; did you mean one of {close}?" if close else f"; it has {len(blocks)} blocks"))
+
+
+def _latent_grid(img_ids: Tensor) -> tuple[int, int]:
+    """(rows, cols) of the latent tokens, from their position ids (0, row, col); one device sync per call."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # [N (+ reference), 3]
+    latent = ids[:, 1:].masked_fill(ids[:, :1] != 0, -1)  # a reference's ids (Kontext) have first coordinate 1
+    rows, cols = latent.amax(dim=0).tolist()
+    return int(rows) + 1, int(cols) + 1
 
 
 def _joint_sizes(kwargs: dict) -> tuple[int, int]:
@@ -214,10 +233,8 @@ class KontextHandle(FluxAdapterHandle):
 
     def _layout(self, kwargs: dict) -> SequenceLayout:
         text, image = _joint_sizes(kwargs)
-        ids = kwargs["img_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids
-        latent = int((ids[:, 0] == 0).sum())  # the reference's ids have first coordinate 1
-        end = text + latent
+        rows, cols = self.state.call.grid  # the latent tokens come first; the reference's follow them
+        end = text + rows * cols
         return SequenceLayout(text + image, slice(0, text), slice(text, end), slice(end, text + image))
 
 
@@ -263,12 +280,11 @@ class ReduxHandle(FluxAdapterHandle):
 
 def flux_handle(pipe: Any, config: ConceptrolConfig, redux: Any = None) -> Any:
     """The handle for the one reference adapter `pipe` carries (or `redux` brings); clear errors otherwise."""
-    from .backends.ominicontrol import lora_layers
-    from .flux_handle import LORA_HINT, FluxConceptrolHandle
+    from .flux_handle import LORA_HINT, FluxConceptrolHandle, carries_ominicontrol
 
     transformer = pipe.transformer
     carried = {
-        "the OminiControl LoRA": bool(lora_layers(transformer)),
+        "the OminiControl LoRA": carries_ominicontrol(pipe, redux),
         "an IP-Adapter": any(hasattr(p, "to_k_ip") for p in transformer.attn_processors.values()),
         "FLUX.1 Kontext": "Kontext" in type(pipe).__name__,
         "a Redux prior": redux is not None,

@@ -7,12 +7,14 @@ import inspect
 import warnings
 from typing import Any
 
+import torch
+
 from .callbacks import chain_step_callback
 from .concepts import ResolvedConcepts, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig, normalize_layer_name
 from .errors import ConceptrolError
 from .flux_handle import is_flux_pipeline
-from .processors.unet import ConceptrolIPAdapterProcessor
+from .processors.unet import ConceptrolIPAdapterProcessor, StepSwitch
 from .state import ConceptMasks, ConceptrolState
 
 PROCESSOR_SUFFIX = ".processor"
@@ -76,13 +78,15 @@ class ConceptrolHandle:
         self.pipe = pipe
         self.config = config
         self.state = ConceptrolState(config)
+        self.switch = StepSwitch()  # the window, as a bool the processors read (see StepSwitch)
         unet = pipe.unet
         self._saved = dict(unet.attn_processors)
         installed = dict(self._saved)
         for key, proc in self._saved.items():
             if hasattr(proc, "to_k_ip"):
                 name = key.removesuffix(PROCESSOR_SUFFIX)
-                installed[key] = ConceptrolIPAdapterProcessor(proc, self.state, name, name == config.concept_layer)
+                installed[key] = ConceptrolIPAdapterProcessor(proc, self.state, self.switch, name,
+                                                             name == config.concept_layer)
         unet.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
         self._installed = installed
         self._hook = unet.register_forward_pre_hook(self._on_unet_forward, with_kwargs=True)
@@ -103,6 +107,7 @@ class ConceptrolHandle:
             warnings.warn("concept positions are read from `prompt`; a different `prompt_2` is not searched", stacklevel=2)
         kwargs = self._with_step_callback(kwargs)
         self.state.begin(resolved.spans, resolved.labels, total_steps=kwargs.get("num_inference_steps", 50))
+        self.switch.active = self.state.adapter_active()
         try:
             return self.pipe(prompt=prompt, **kwargs)
         finally:
@@ -142,24 +147,33 @@ class ConceptrolHandle:
         return len(getattr(projection, "image_projection_layers", [projection]))
 
     def _with_step_callback(self, kwargs: dict) -> dict:
-        """Chain a step counter before the user's callback_on_step_end (kept working as before)."""
-        state = self.state
+        """Chain a step counter (and the mask recorder) before the user's callback_on_step_end (kept working as before)."""
+        state, switch = self.state, self.switch
 
         def finished(step: int) -> None:
-            state.call.step = step + 1
+            call = state.call
+            if state.config.record_masks and call.global_mask is not None:  # the concept layer's mask of this step
+                call.records.append(call.global_mask.detach())
+            call.step = step + 1
+            switch.active = state.adapter_active()
 
         return chain_step_callback(kwargs, finished)
 
+    @torch.compiler.disable  # plain Python between U-Net calls: a compiled U-Net neither traces nor guards on it
     def _on_unet_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Read the latent grid and the number of steps the pipeline really runs."""
+        """Read the latent grid and the number of steps the pipeline really runs; build the span weights."""
         call = self.state.call
         if call is None:
             return
         sample = args[0] if args else kwargs["sample"]
         call.set_latent_size(tuple(sample.shape[-2:]))
+        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if isinstance(text, torch.Tensor):
+            call.prepare_weights(text.shape[1], text.device)
         steps = getattr(self.pipe, "_num_timesteps", None)
         if isinstance(steps, int) and steps > 0:
             call.total_steps = steps
+            self.switch.active = self.state.adapter_active()
 
 
 def count_reference_images(kwargs: dict, num_adapters: int) -> int:

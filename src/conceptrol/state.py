@@ -40,7 +40,6 @@ class CallState:
     latent_hw: tuple[int, int] | None = None  # set from the U-Net input on every evaluation
     step: int = 0
     global_mask: Tensor | None = None  # [S, J, h, w] from the concept layer
-    _grids: dict[int, tuple[int, int]] = field(default_factory=dict)
     _resized: dict[tuple, Tensor] = field(default_factory=dict)
     _weights: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
     records: list[Tensor] = field(default_factory=list)
@@ -54,18 +53,29 @@ class CallState:
         return len(self.spans[0])
 
     def weights(self, num_tokens: int, device: torch.device) -> Tensor:
-        """Span-averaging weights [S, J, T], built once per call and device."""
+        """Span-averaging weights [S, J, T], built once per call and device.
+
+        The handle builds them before each U-Net evaluation (`prepare_weights`), so a compiled U-Net reads a
+        tensor and never the spans: reading them would specialise its graph on the concept's position.
+        """
         key = (num_tokens, device)
         if key not in self._weights:
-            for sample_spans in self.spans:
-                for span in sample_spans:
-                    if span.stop > num_tokens:
-                        raise ValueError(
-                            f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
-                            "the model receives"
-                        )
-            self._weights[key] = span_weights(self.spans, num_tokens, device)
+            self.prepare_weights(num_tokens, device)
         return self._weights[key]
+
+    def prepare_weights(self, num_tokens: int, device: torch.device) -> None:
+        """Check the spans against the text length the U-Net receives and build their weights."""
+        key = (num_tokens, device)
+        if key in self._weights:
+            return
+        for sample_spans in self.spans:
+            for span in sample_spans:
+                if span.stop > num_tokens:
+                    raise ValueError(
+                        f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
+                        "the model receives"
+                    )
+        self._weights[key] = span_weights(self.spans, num_tokens, device)
 
     def store_global(self, mask: Tensor) -> None:
         """The concept layer's mask [S, J, h, w] becomes the one every other layer uses."""
@@ -73,14 +83,11 @@ class CallState:
         self._resized = {}
 
     def set_latent_size(self, latent_hw: tuple[int, int]) -> None:
-        if latent_hw != self.latent_hw:
-            self.latent_hw, self._grids = latent_hw, {}
+        self.latent_hw = latent_hw
 
     def grid(self, num_tokens: int) -> tuple[int, int]:
         """The (h, w) grid of a layer with `num_tokens` positions, for this call's latent size."""
-        if num_tokens not in self._grids:
-            self._grids[num_tokens] = layer_grid(self.latent_hw, num_tokens)
-        return self._grids[num_tokens]
+        return layer_grid(self.latent_hw, num_tokens)  # plain arithmetic: no cache a compiled U-Net would guard on
 
     def global_weights(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The stored mask resized to a layer's grid (nearest neighbour), as weights [S, J, h*w, 1].

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor
 
 from ..config import ConceptrolConfig, adapter_active
+from ..errors import ConceptrolError
 from ..masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
 from .flux import OUTSIDE_WINDOW_SCALE, SequenceLayout
 
@@ -38,31 +39,49 @@ except ImportError:  # pragma: no cover - older diffusers
 
 Mode = Literal["gate", "bias"]
 
+# diffusers' attention backends (models/attention_dispatch.py) that apply a dense additive float mask [B, 1, L, L] as
+# given. The others cannot take Conceptrol's bias: flash*, sage*, aiter_fa2_hub, _native_flash and _native_xla raise
+# on any mask, the *varlen* ones accept only a boolean key-padding mask, and _native_npu turns a float mask into a
+# boolean one (every nonzero entry masked out).
+ADDITIVE_MASK_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers")
+
 
 @dataclass
 class AdapterCall:
-    """One call of a FLUX adapter handle: spans, where the denoising loop is, and the latest mask."""
+    """One call of a FLUX adapter handle: spans, where the denoising loop is, and the latest mask.
+
+    The handle updates it between transformer calls; processors read only what changes at most a few times a call
+    (`active`, `negative`, whether a mask exists) and tensors, never the step number: a compiled transformer is
+    specialised on every Python value its processors read, so reading the step would recompile it every step.
+    """
 
     spans: list[list[slice]] | None  # [sample][concept] spans in the T5 tokens (0-based); None = masking off
     total_steps: int  # best guess until the pipeline reports the steps it really runs
     num_t5: int | None = None  # Redux: the T5 tokens before the reference tokens in the text stream
-    step: int = 0
+    step: int = 0  # read by the handle only
     passes: int = 0  # transformer calls in this step: the first is the positive pass, a second the true-CFG negative
+    active: bool = True  # the adapter acts in this step (the [start, end] window)
+    negative: bool = False  # the running transformer call is a true-CFG negative pass: it reads no mask
     layout: SequenceLayout | None = None  # of the running transformer call
     grid: tuple[int, int] | None = None  # (rows, cols) of the latent tokens
     mask: Tensor | None = None  # the latest read: M [B, J, N] (gate) or Â [B, N] (bias)
+    concept_read: Tensor | None = None  # the concept block's read in the running step, recorded when it ends
     records: list[Tensor] = field(default_factory=list)  # the concept block's read of every step
     local_masks: dict[str, Tensor] = field(default_factory=dict)  # local masking: each block's M in this step
+    _base: dict[tuple, Tensor] = field(default_factory=dict)
     _bias: dict[tuple, Tensor] = field(default_factory=dict)
     _weights: dict[tuple, Tensor] = field(default_factory=dict)
 
-    @property
-    def negative(self) -> bool:
-        """The running transformer call is a true-CFG negative pass: it reads no mask."""
-        return self.passes > 1
+    def end_step(self, step: int) -> None:
+        """Between steps: record the concept block's read (outside any compiled graph) and count the next step."""
+        if self.concept_read is not None:
+            self.records.append(self.concept_read)
+            self.concept_read = None
+        self.step, self.passes = step + 1, 0
 
     def weights(self, num_text: int, device: torch.device) -> Tensor:
-        """[B, J, T] span-averaging weights over the T5 tokens, built once per call."""
+        """[B, J, T] span-averaging weights over the T5 tokens, built once per call (by `prepare`, outside a
+        compiled transformer: reading the spans there would specialise its graph on the concept's position)."""
         key = (num_text, device)
         if key not in self._weights:
             for sample in self.spans:
@@ -76,16 +95,26 @@ class AdapterCall:
         self.mask = mask
         self._bias = {}
         if record:
-            self.records.append(mask.detach())
+            self.concept_read = mask.detach()
+
+    def base_bias(self, layout: SequenceLayout, scale: float, conceptrol: bool, device: torch.device) -> Tensor:
+        """Section 2's table without the Â term, fp32 [B, 1, L, L]; built once per layout and scale."""
+        key = (layout.key, scale, conceptrol, device)
+        if key not in self._base:
+            spans = [sample[0] for sample in self.spans] if conceptrol else None
+            self._base[key] = reference_bias(layout.length, layout.text, layout.latent, layout.reference, spans,
+                                             scale, None, device)
+        return self._base[key]
 
     def bias(self, layout: SequenceLayout, scale: float, conceptrol: bool, device: torch.device,
              dtype: torch.dtype) -> Tensor:
         """Section 2's table for this layout, scale and the current Â; built once until one of them changes."""
         key = (layout.key, scale, conceptrol, device, dtype)
         if key not in self._bias:
-            spans = [sample[0] for sample in self.spans] if conceptrol else None
-            bias = reference_bias(layout.length, layout.text, layout.latent, layout.reference, spans, scale,
-                                  self.mask if conceptrol else None, device)
+            bias = self.base_bias(layout, scale, conceptrol, device)
+            if conceptrol and self.mask is not None:  # log Â of each latent row on its reference columns
+                bias = bias.clone()
+                bias[:, 0, layout.latent, layout.reference] += self.mask.log().to(bias.device)[:, :, None]
             self._bias[key] = bias.to(dtype)
         return self._bias[key]
 
@@ -102,9 +131,23 @@ class FluxAdapterState:
         call = self.call
         return call is not None and call.spans is not None and self.config.masking != "none"
 
-    def active(self) -> bool:
+    def follow_window(self) -> None:
+        """Set `call.active` from the step; the handle calls it between transformer calls."""
         call = self.call
-        return adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
+        call.active = adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
+
+    def active(self) -> bool:
+        return self.call.active
+
+    def prepare(self, device: torch.device) -> None:
+        """Before a transformer call: build from the spans what its processors read (the span weights and the
+        bias without Â), so that a compiled transformer reads tensors only and is not specialised on the spans."""
+        call, layout = self.call, self.call.layout
+        if self.masking:
+            call.weights(layout.text.stop - layout.text.start, device)
+        scale = self.reference_scale()
+        if self.mode == "bias" and layout.has_reference and (self.masking or scale != 1.0):
+            call.base_bias(layout, scale, self.masking, device)
 
     def reference_scale(self) -> float:
         """c for the bias mode: the requested strength inside the window, 0.5 outside (section 2)."""
@@ -229,7 +272,7 @@ class FluxBlockProcessor(torch.nn.Module):
         mask = flux_gate_mask(*_latent_and_text(joint, layout), self._weights(call, layout, joint))
         call.local_masks[self.name] = mask
         if self.is_concept_block and not call.negative:
-            call.records.append(mask.detach())
+            call.concept_read = mask.detach()
         return mask
 
     @staticmethod
@@ -270,6 +313,25 @@ class FluxBlockProcessor(torch.nn.Module):
                 branch = branch * mask[:, index, :, None].to(branch.dtype)
             output = output + weight * branch
         return output
+
+
+def attention_backend(processor: Any) -> str:
+    """The diffusers attention backend a processor's attention runs on: its own, else the active one."""
+    backend = getattr(processor, "_attention_backend", None)
+    if backend is None:  # diffusers' default: DIFFUSERS_ATTN_BACKEND, `attention_backend(...)` or `set_attention_backend`
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    return backend.value if isinstance(backend, AttentionBackendName) else str(backend)
+
+
+def check_bias_backend(processors: list[Any], adapter: str) -> None:
+    """Raise before generating when an attention that gets Conceptrol's additive bias runs on a backend without masks."""
+    unable = sorted({b for b in map(attention_backend, processors) if b not in ADDITIVE_MASK_BACKENDS})
+    if unable:
+        raise ConceptrolError(
+            f"attention backend {unable[0]!r} cannot take the additive bias Conceptrol adds for {adapter}; use one of "
+            f"{list(ADDITIVE_MASK_BACKENDS)} (e.g. pipe.transformer.set_attention_backend('native')), or "
+            "masking='none' with scale 1 and the full window, which adds no bias"
+        )
 
 
 def _latent_and_text(joint: _Attention, layout: SequenceLayout) -> tuple[Tensor, Tensor]:

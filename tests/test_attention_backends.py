@@ -1,0 +1,135 @@
+"""Conceptrol under diffusers' attention backends (`transformer.set_attention_backend(...)`).
+
+Every attention Conceptrol does not read keeps the backend the user set, and so do the ones it changes; an
+adapter that puts an additive bias on the attention (Kontext, Redux) refuses a backend that cannot take one,
+before anything runs. Backends are told apart by counting the calls of each backend's function in diffusers'
+registry. `_native_flash` (PyTorch's flash SDPA, which has a CPU kernel) stands for the backends without masks
+(flash-attn, sage), which cannot be installed here.
+"""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
+from conceptrol.tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
+
+PROMPT = "a photo of a dog surfing a wave"
+CONFIG = ConceptrolConfig(concept_layer="transformer_blocks.1")
+ROUND_OFF = dict(atol=1e-5, rtol=1e-5)  # the math and efficient SDPA kernels sum in different orders
+
+
+@pytest.fixture(autouse=True)
+def restore_active_backend():
+    """set_attention_backend also sets the process-wide active backend: put it back after each test."""
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """How often each backend's attention function ran."""
+    calls = {}
+    for name, fn in list(_AttentionBackendRegistry._backends.items()):
+        def counted(*args, _fn=fn, _name=name.value, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setitem(_AttentionBackendRegistry._backends, name, counted)
+    return calls
+
+
+def set_processor_backend(pipe, backend):
+    """The transformer's processors on `backend`; the process-wide active backend stays the default, as after
+    another model's `set_attention_backend`: the processors' own must win."""
+    pipe.transformer.set_attention_backend(backend)
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
+def make(kind):
+    if kind == "xlabs-ip":
+        pipe = tiny_flux(seed=1, double=2, single=2)
+        load_tiny_xlabs_ip_adapter(pipe, Path(tempfile.mkdtemp()))
+        extra = {}
+    elif kind == "kontext":
+        pipe, extra = tiny_kontext(seed=2, double=2, single=2), {}
+    else:
+        pipe, extra = tiny_flux(seed=3, double=2, single=2), {"redux": tiny_redux_prior(seed=3)}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, extra
+
+
+def call(handle, kind):
+    kwargs = dict(num_inference_steps=2, height=32, width=48, output_type="latent",
+                  generator=torch.Generator().manual_seed(0), max_sequence_length=32)
+    if kind == "xlabs-ip":
+        kwargs["ip_adapter_image"] = tiny_reference_image()
+    elif kind == "kontext":
+        kwargs |= dict(image=tiny_reference_image(), _auto_resize=False, max_area=32 * 48)
+    else:
+        kwargs |= dict(image=tiny_reference_image(), max_sequence_length=512)
+    return handle(PROMPT, concepts=["dog"], **kwargs).images
+
+
+@pytest.mark.parametrize("kind", ["xlabs-ip", "kontext", "redux"])
+def test_every_attention_runs_on_the_backend_the_user_set(kind, backend_calls):
+    pipe, extra = make(kind)
+    handle = apply_conceptrol(pipe, CONFIG, **extra)
+    default = call(handle, kind)
+    assert set(backend_calls) == {"native"}
+    backend_calls.clear()
+    set_processor_backend(pipe, "_native_math")
+    math = call(handle, kind)
+    attentions = 2 + 2  # double and single blocks, one attention each per transformer call
+    extra_ip = 2 if kind == "xlabs-ip" else 0  # the IP-Adapter branch of each double block
+    assert backend_calls == {"_native_math": 2 * (attentions + extra_ip)}  # two steps
+    torch.testing.assert_close(math, default, **ROUND_OFF)
+    assert handle.masks is not None and handle.masks.masks.shape[0] == 2
+
+
+def test_xlabs_ip_adapter_runs_on_a_backend_without_masks(backend_calls):
+    """The gate path adds no bias: a flash-style backend is fine, and it is used for every attention."""
+    pipe, extra = make("xlabs-ip")
+    handle = apply_conceptrol(pipe, CONFIG)
+    default = call(handle, "xlabs-ip")
+    backend_calls.clear()
+    set_processor_backend(pipe, "_native_flash")
+    flash = call(handle, "xlabs-ip")
+    assert set(backend_calls) == {"_native_flash"}
+    torch.testing.assert_close(flash, default, **ROUND_OFF)
+
+
+@pytest.mark.parametrize("kind", ["kontext", "redux"])
+def test_a_backend_that_cannot_take_the_bias_is_refused_before_anything_runs(kind, backend_calls):
+    pipe, extra = make(kind)
+    handle = apply_conceptrol(pipe, CONFIG, **extra)
+    pipe.transformer.set_attention_backend("_native_flash")
+    backend_calls.clear()
+    with pytest.raises(ConceptrolError, match="attention backend '_native_flash' cannot take the additive bias.*"
+                                               r"set_attention_backend\('native'\)"):
+        call(handle, kind)
+    assert backend_calls == {}  # refused before the first attention
+
+
+def test_the_active_backend_counts_when_the_processors_have_none(backend_calls):
+    """`attention_backend(...)` and DIFFUSERS_ATTN_BACKEND set the active backend, not the processors' own."""
+    pipe, extra = make("kontext")
+    handle = apply_conceptrol(pipe, CONFIG)
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName("_native_flash"))
+    with pytest.raises(ConceptrolError, match="'_native_flash' cannot take the additive bias"):
+        call(handle, "kontext")
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName("_native_math"))
+    call(handle, "kontext")
+    assert set(backend_calls) == {"_native_math"}
+
+
+def test_kontext_without_a_bias_takes_any_backend(backend_calls):
+    """Masking off at scale 1 over the whole window adds no bias: the stock attention runs, on flash too."""
+    pipe, extra = make("kontext")
+    handle = apply_conceptrol(pipe, ConceptrolConfig(masking="none", concept_layer=CONFIG.concept_layer))
+    pipe.transformer.set_attention_backend("_native_flash")
+    call(handle, "kontext")
+    assert set(backend_calls) == {"_native_flash"}
