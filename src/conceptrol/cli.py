@@ -1,4 +1,4 @@
-"""`conceptrol generate`, `demo`, `evaluate`, `report` and `ui`: thin front-ends over the library's dataclasses.
+"""`conceptrol generate`, `demo`, `evaluate`, `report`, `ui` and `comfyui install`: thin front-ends over the library's dataclasses.
 
 Nothing heavy is imported at module level: `--help` and argument mistakes answer at once, and each
 command imports torch, diffusers or gradio only when it needs them.
@@ -110,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny SD 1.5 with IP-Adapter, tiny FLUX with OminiControl, tiny FLUX.1 with XLabs' "
                            "IP-Adapter, Kontext or Redux (default: sd15)")
     _ui_parser(commands)
+    _comfyui_parser(commands)
     return parser
+
+
+def _comfyui_parser(commands: argparse._SubParsersAction) -> None:
+    comfyui = commands.add_parser("comfyui", help="the ComfyUI node pack that ships with conceptrol")
+    actions = comfyui.add_subparsers(dest="comfyui_command", required=True, parser_class=OneLineParser)
+    install = actions.add_parser("install", help="make a ComfyUI folder load the Conceptrol nodes (writes a small "
+                                                 "loader into its custom_nodes/; run again to check)")
+    install.add_argument("path", type=Path, help="the ComfyUI folder (the one holding main.py and custom_nodes/)")
 
 
 def _ui_parser(commands: argparse._SubParsersAction) -> None:
@@ -193,6 +202,12 @@ def cmd_ui(args: argparse.Namespace) -> None:
     launch_ui(UIOptions(**_fields(args) | {"model": tuple(args.model or UIOptions.model)}))
 
 
+def cmd_comfyui(args: argparse.Namespace) -> None:
+    from .comfyui.install import install_comfyui_loader
+
+    print(install_comfyui_loader(args.path).line())
+
+
 def _quiet_libraries() -> None:
     """Keep the libraries' advisory messages out of the CLI's output (their errors still show); ours stay one line."""
     for library in ("TRANSFORMERS", "DIFFUSERS"):
@@ -236,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "evaluate": cmd_evaluate, "report": cmd_report,
-         "ui": cmd_ui}[args.command](args)
+         "ui": cmd_ui, "comfyui": cmd_comfyui}[args.command](args)
     except ConceptrolError as error:
         print(f"conceptrol: error: {error}", file=sys.stderr)
         return 2
