@@ -13,6 +13,7 @@ U-Net (after `apply_conceptrol`, as users would) and reports the compiled figure
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import tempfile
@@ -94,6 +95,14 @@ def call_kwargs(pipe, sizes: dict, size: int, steps: int, device: str, dtype: to
     return kwargs
 
 
+def fixed_mmap_threshold() -> None:
+    """Large CPU buffers straight from mmap: freed memory leaves the resident set, so RSS growth is comparable."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; a fixed value ends glibc's sliding one
+    except (OSError, AttributeError):  # not glibc: RSS growth is only rougher
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator stats, or sampled resident memory on CPU."""
 
@@ -170,6 +179,8 @@ def main() -> None:
     args = parser.parse_args()
     args.size = args.size or (32 if args.tiny else 1024 if args.model == "sdxl" else 512)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if not args.device.startswith("cuda"):
+        fixed_mmap_threshold()
     pipe, sizes = build_pipeline(args.tiny, args.device, dtype, args.model)
     kwargs = call_kwargs(pipe, sizes, args.size, args.steps, args.device, dtype)
     handle = apply_conceptrol(pipe)

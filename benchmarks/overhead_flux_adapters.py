@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import statistics
 import time
@@ -37,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
-from overhead import PeakMemory
+from overhead import PeakMemory, fixed_mmap_threshold
 
 from conceptrol import ConceptrolConfig, apply_conceptrol
 from conceptrol.config import CONCEPT_LAYERS
@@ -218,14 +217,6 @@ def profile(setup: Setup, config: ConceptrolConfig, read_all: bool, mask: torch.
         events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)[:20]
         tables[name] = {e.key: round(getattr(e, attribute) / 1000, 1) for e in events}
     return tables
-
-
-def fixed_mmap_threshold() -> None:
-    """Large CPU buffers straight from mmap: freed memory leaves the resident set, so RSS growth is comparable."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; a fixed value ends glibc's sliding one
-    except (OSError, AttributeError):  # not glibc: RSS growth is only rougher
-        pass
 
 
 def main() -> None:

@@ -110,8 +110,8 @@ def _import_comfyui() -> None:
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
-    import comfy.utils
-    import nodes
+    import comfy.utils  # noqa: F401 (imported for the tests that use it)
+    import nodes  # noqa: F401
     from ComfyUI_IPAdapter_plus import IPAdapterPlus  # noqa: F401
 
 

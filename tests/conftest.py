@@ -19,6 +19,16 @@ torch.backends.cudnn.allow_tf32 = False  # exact fp32 comparisons when the tests
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: fastest for them, and on 2 shared, busy cores two spinning
+    OpenMP threads made a generation 10-50x slower. Modules opt in with pytestmark = usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def clip_tok(tmp_path_factory):
     """CLIP's real tokenizer, built offline."""

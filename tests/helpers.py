@@ -155,3 +155,35 @@ def run_main(capsys, *args):
         code = exited.code
     captured = capsys.readouterr()
     return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+def tiny_flux_adapter(kind: str, double: int = 2, single: int = 2) -> tuple:
+    """(pipe, apply_conceptrol's extra keywords) for "xlabs-ip", "kontext" or "redux": a shallow tiny FLUX.1."""
+    import tempfile
+
+    from conceptrol.tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
+
+    extra = {}
+    if kind == "xlabs-ip":
+        pipe = tiny_flux(seed=1, double=double, single=single)
+        load_tiny_xlabs_ip_adapter(pipe, Path(tempfile.mkdtemp()))
+    elif kind == "kontext":
+        pipe = tiny_kontext(seed=2, double=double, single=single)
+    else:
+        pipe, extra = tiny_flux(seed=3, double=double, single=single), {"redux": tiny_redux_prior(seed=3)}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, extra
+
+
+def flux_adapter_kwargs(kind: str, steps: int) -> dict:
+    """A call's keywords for `tiny_flux_adapter(kind)` at 32x48, with the adapter's reference image."""
+    from conceptrol.tiny_flux import tiny_reference_image
+
+    kwargs = dict(num_inference_steps=steps, height=32, width=48, output_type="latent",
+                  generator=torch.Generator().manual_seed(0), max_sequence_length=32)
+    if kind == "xlabs-ip":
+        return kwargs | {"ip_adapter_image": tiny_reference_image()}
+    if kind == "kontext":
+        return kwargs | dict(image=tiny_reference_image(), _auto_resize=False, max_area=32 * 48)
+    return kwargs | dict(image=tiny_reference_image(), max_sequence_length=512)  # the Redux prior encodes at 512
+

@@ -7,15 +7,12 @@ registry. `_native_flash` (PyTorch's flash SDPA, which has a CPU kernel) stands 
 (flash-attn, sage), which cannot be installed here.
 """
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+from helpers import flux_adapter_kwargs, tiny_flux_adapter
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
-from conceptrol.tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
 
 PROMPT = "a photo of a dog surfing a wave"
 CONFIG = ConceptrolConfig(concept_layer="transformer_blocks.1")
@@ -50,28 +47,11 @@ def set_processor_backend(pipe, backend):
 
 
 def make(kind):
-    if kind == "xlabs-ip":
-        pipe = tiny_flux(seed=1, double=2, single=2)
-        load_tiny_xlabs_ip_adapter(pipe, Path(tempfile.mkdtemp()))
-        extra = {}
-    elif kind == "kontext":
-        pipe, extra = tiny_kontext(seed=2, double=2, single=2), {}
-    else:
-        pipe, extra = tiny_flux(seed=3, double=2, single=2), {"redux": tiny_redux_prior(seed=3)}
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, extra
+    return tiny_flux_adapter(kind)  # 2 double and 2 single blocks
 
 
 def call(handle, kind):
-    kwargs = dict(num_inference_steps=2, height=32, width=48, output_type="latent",
-                  generator=torch.Generator().manual_seed(0), max_sequence_length=32)
-    if kind == "xlabs-ip":
-        kwargs["ip_adapter_image"] = tiny_reference_image()
-    elif kind == "kontext":
-        kwargs |= dict(image=tiny_reference_image(), _auto_resize=False, max_area=32 * 48)
-    else:
-        kwargs |= dict(image=tiny_reference_image(), max_sequence_length=512)
-    return handle(PROMPT, concepts=["dog"], **kwargs).images
+    return handle(PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2)).images
 
 
 @pytest.mark.parametrize("kind", ["xlabs-ip", "kontext", "redux"])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conceptrol.cli import main
+from helpers import run_main
 from conceptrol.comfyui.install import FOLDER, LOADER
 
 
@@ -24,12 +24,8 @@ def files(root):
 
 
 def cli(capsys, *args):
-    try:
-        code = main(list(args))
-    except SystemExit as exited:
-        code = exited.code
-    captured = capsys.readouterr()
-    return code, captured.out.strip(), captured.err.strip()
+    code, out, err = run_main(capsys, *args)
+    return code, "\n".join(out), "\n".join(err)
 
 
 def test_install_writes_the_loader_once_and_says_so_again(comfyui, capsys):

@@ -29,13 +29,7 @@ FLUX_TARGETS = [*FLUX_LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "t
 ROUND_OFF = dict(atol=1e-5, rtol=1e-5)  # offloaded runs differ by fp32 round-off (stock pipelines too), nothing more
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the suite shares two cores with subprocess tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_lora(pipe, folder, component: str, targets: list[str], name: str = "style", seed: int = 7, alpha: int = 1):

@@ -9,22 +9,18 @@ prompt, a concept elsewhere in it, or another number of steps must compile nothi
 output equals eager's within fp32 round-off.
 """
 
-import tempfile
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import reference_image
+from helpers import flux_adapter_kwargs, reference_image, tiny_flux_adapter
 from torch._dynamo.testing import CompileCounter
 
 from conceptrol import ConceptrolConfig, apply_conceptrol
 from conceptrol.tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
-from conceptrol.tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
 
 PROMPT = "a photo of a dog surfing a wave"
 ROUND_OFF = dict(atol=1e-4, rtol=1e-4)  # inductor reorders fp32 sums; the differences seen are 2e-6 to 3e-5
-SHALLOW = dict(double=2, single=2)  # FLUX's blocks at real depth only make tracing slower, not different
 FLUX_CONCEPT = ConceptrolConfig(concept_layer="transformer_blocks.1")
 
 
@@ -50,31 +46,8 @@ def sd_call(handle, prompt=PROMPT, concept="dog", steps=3, **extra):
                   **extra).images
 
 
-def flux_pipe(kind):
-    if kind == "xlabs-ip":
-        pipe = tiny_flux(seed=1, **SHALLOW)
-        load_tiny_xlabs_ip_adapter(pipe, Path(tempfile.mkdtemp()))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe, {}
-    if kind == "kontext":
-        pipe = tiny_kontext(seed=2, **SHALLOW)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe, {}
-    pipe = tiny_flux(seed=3, **SHALLOW)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, {"redux": tiny_redux_prior(seed=3)}
-
-
 def flux_call(handle, kind, prompt=PROMPT, concept="dog", steps=3):
-    kwargs = dict(num_inference_steps=steps, height=32, width=48, output_type="latent",
-                  generator=torch.Generator().manual_seed(0), max_sequence_length=32)
-    if kind == "xlabs-ip":
-        kwargs["ip_adapter_image"] = tiny_reference_image()
-    elif kind == "kontext":
-        kwargs |= dict(image=tiny_reference_image(), _auto_resize=False, max_area=32 * 48)
-    else:
-        kwargs |= dict(image=tiny_reference_image(), max_sequence_length=512)  # the prior encodes at 512
-    return handle(prompt, concepts=[concept], **kwargs).images
+    return handle(prompt, concepts=[concept], **flux_adapter_kwargs(kind, steps)).images
 
 
 class Stock:
@@ -130,7 +103,7 @@ def test_compiled_flux_transformer_has_no_graph_break_and_one_graph_per_kind_of_
     graphs = {}
     for method in ("vanilla", "conceptrol"):
         torch._dynamo.reset()
-        pipe, extra = flux_pipe(kind)
+        pipe, extra = tiny_flux_adapter(kind)
         handle = apply_conceptrol(pipe, FLUX_CONCEPT, **extra) if method == "conceptrol" else vanilla_flux(pipe, kind, extra)
         counter = CompileCounter()
         pipe.transformer.compile(backend=counter, fullgraph=True)
@@ -162,7 +135,7 @@ def apply_conceptrol_off(pipe, handle):
 
 @pytest.mark.parametrize("kind", ["kontext", "xlabs-ip"])
 def test_compiled_flux_adapter_equals_eager(kind):
-    pipe, extra = flux_pipe(kind)
+    pipe, extra = tiny_flux_adapter(kind)
     handle = apply_conceptrol(pipe, FLUX_CONCEPT, **extra)
     eager = flux_call(handle, kind)
     eager_masks = handle.masks.masks

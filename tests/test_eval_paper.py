@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from conceptrol import ConceptrolError
-from conceptrol.eval.paper import (PAPER_TABLE, RESAMPLES, paper_gain, paper_report, paper_rows, percentile_interval,
-                                   resample_indices)
+from conceptrol.eval.paper import (PAPER_TABLE, RESAMPLES, paper_gain, paper_report, paper_rows, resample_indices)
 from conceptrol.eval.report import load_run, report
 
 

@@ -17,13 +17,7 @@ PROMPT = "a dog on a beach"
 ROUND_OFF = 1e-5  # explicit softmax (the reference) against SDPA, over 57 blocks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the suite shares two cores with subprocess tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

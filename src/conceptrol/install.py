@@ -11,7 +11,7 @@ import torch
 
 from .callbacks import chain_step_callback
 from .concepts import ResolvedConcepts, resolve_concepts
-from .config import CONCEPT_LAYERS, ConceptrolConfig, normalize_layer_name
+from .config import CONCEPT_LAYERS, ConceptrolConfig
 from .errors import ConceptrolError
 from .flux_handle import is_flux_pipeline
 from .processors.unet import ConceptrolIPAdapterProcessor, StepSwitch
