@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
 # Issue 12's GPU figures in one prepared run (e.g. on the project's lent H200): Conceptrol vs the stock pipeline,
-# time per step and peak memory, random weights at real size. Results: one JSON per row in ${OUT:-gpu-figures}.
+# time per step and peak memory, random weights at real size. Results: one JSON (or text) per row in ${OUT:-gpu-figures}.
 #   bash benchmarks/gpu_figures.sh sd     # SD 1.5 and SDXL, fp16 and bf16, eager and compiled (about 6 minutes)
 #   bash benchmarks/gpu_figures.sh flux   # FLUX OminiControl at 512 and 1024, XLabs / Kontext / Redux at 1024 (bf16)
+#   SMOKE=1 bash benchmarks/gpu_figures.sh all   # the same rows on the CPU at toy sizes: checks the script itself
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-figures}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 rows=${1:-sd}
+if [[ ${SMOKE:-0} == 1 ]]; then
+  device=(--device cpu --dtype fp32); dtypes=(fp32); sd=(--tiny --steps 2 --repeats 1)
+  flux=(--double 1 --single 1 --repeats 1); sizes=(32); adapters_size=32
+else
+  device=(--device cuda); dtypes=(fp16 bf16); sd=(--steps 8 --repeats 3)
+  flux=(--dtype bf16 --repeats 5); sizes=(512 1024); adapters_size=1024
+fi
 if [[ $rows == sd || $rows == all ]]; then
   for model in sd15 sdxl; do
-    for dtype in fp16 bf16; do
-      python benchmarks/overhead.py --device cuda --dtype $dtype --model $model --steps 8 --repeats 3 \
-        --json "$out/$model-$dtype.json"
-      python benchmarks/overhead.py --device cuda --dtype $dtype --model $model --steps 8 --repeats 3 --compile \
-        --json "$out/$model-$dtype-compiled.json"
+    for dtype in "${dtypes[@]}"; do
+      for compiled in "" --compile; do
+        python benchmarks/overhead.py "${device[@]}" --dtype "$dtype" --model $model "${sd[@]}" $compiled \
+          --json "$out/$model-$dtype${compiled:+-compiled}.json"
+      done
     done
   done
 fi
 if [[ $rows == flux || $rows == all ]]; then
-  for size in 512 1024; do
-    python benchmarks/overhead_flux.py --device cuda --dtype bf16 --size $size --repeats 5 | tee "$out/flux-ominicontrol-$size.txt"
+  for size in "${sizes[@]}"; do
+    python benchmarks/overhead_flux.py "${device[@]}" "${flux[@]}" --size "$size" | tee "$out/flux-ominicontrol-$size.txt"
   done
-  python benchmarks/overhead_flux_adapters.py --device cuda --dtype bf16 --size 1024 --read preset --repeats 5 \
-    --json "$out/flux-adapters-1024.json"
+  python benchmarks/overhead_flux_adapters.py "${device[@]}" "${flux[@]}" --size $adapters_size --read preset \
+    --json "$out/flux-adapters-$adapters_size.json"
 fi

@@ -1,4 +1,4 @@
-"""The ComfyUI node pack against the real ComfyUI and ComfyUI_IPAdapter_plus (tiny random SD 1.5-layout model).
+"""The ComfyUI node pack against the real ComfyUI and ComfyUI_IPAdapter_plus (tiny random SD 1.5 and SDXL models).
 
 Skipped unless CONCEPTROL_COMFYUI names a ComfyUI folder (see tests/comfyui_env.py); .ci/run sets it.
 Expected masks are computed here by hand from the recorded queries and keys, not with the node's helpers.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import types
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from conceptrol.errors import ConceptNotFoundError, ConceptrolError
 
 if env.comfy_root() is None:
     pytest.skip(env.SKIP_REASON, allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; two spinning threads slowed SDXL 50x under load
 
 from conceptrol.comfyui import patch as conceptrol_patch  # noqa: E402
 from conceptrol.comfyui.nodes import Conceptrol, ConceptrolMask  # noqa: E402
@@ -67,6 +70,23 @@ class Spy:
         return self.inner(q, k, v, extra_options)
 
 
+class BranchSpy(Spy):
+    """A Spy that also records what the patch added to the text attention, and the adapter's own (unmasked) output.
+
+    The patch returns text + branch * mask; with `added` = returned - text, `added` = branch * mask row by row.
+    """
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        out = self.inner(q, k, v, extra_options)
+        text = optimized_attention(q, k, v, extra_options["n_heads"])
+        (callback,), (kwargs,) = self.inner.callbacks, self.inner.kwargs  # one IPAdapter
+        branch = callback(text, q, k, v, extra_options, **kwargs)
+        self.calls.append((q.clone(), k.clone(), list(extra_options["cond_or_uncond"]), out - text, branch))
+        return out
+
+
 def mask_by_hand(q, k, chunks, span, heads=2):
     """Section 1's M from the conditional chunk of one call: [S, N]."""
     rows = q.shape[0] // len(chunks)
@@ -92,6 +112,28 @@ def test_recorded_mask_equals_the_text_attention_by_hand(adapted, clip, conds, c
         expected = mask_by_hand(q, k, chunks, DOG).reshape(1, 1, 4, 4)  # ("output", 3) runs at 1/4 of the 16x16 latent
         torch.testing.assert_close(record, expected, rtol=1e-5, atol=1e-6)
     assert run.last_records[0].std() > 0.05  # a real mask, not a flat one
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0], ids=["cfg-batch", "cond-only"])
+def test_each_sample_of_a_batch_gets_its_own_mask_in_both_halves(adapted, clip, conds, cfg):
+    """Two latents, one prompt: sample b's mask comes from its own cond row and acts on its uncond and cond rows."""
+    model = conceptrol(adapted, clip)
+    at_concept, after = BranchSpy(model), BranchSpy(model, ("output", 4))  # ("output", 4): same 4x4 grid, later
+    samples = {"samples": env.ksample(model, *conds, steps=2, batch=2, cfg=cfg)}
+    records = model.attachments["conceptrol"].last_records
+    assert len(records) == len(at_concept.calls) == len(after.calls) == 2
+    for record, (q, k, chunks, added, branch), (*_, added_after, branch_after) in zip(records, at_concept.calls,
+                                                                                      after.calls):
+        assert chunks == ([1, 0] if cfg != 1.0 else [0]) and q.shape[0] == 2 * len(chunks)  # uncond 0, 1, cond 0, 1
+        by_hand = mask_by_hand(q, k, chunks, DOG)  # [2, 16]: each sample's own, from its cond row
+        torch.testing.assert_close(record, by_hand.reshape(2, 1, 4, 4), rtol=1e-5, atol=1e-6)
+        assert (by_hand[0] - by_hand[1]).abs().max() > 0.05  # the samples' masks differ
+        per_row = by_hand.repeat(len(chunks), 1).unsqueeze(-1)  # [rows, 16, 1]: samples 0, 1 in each half
+        assert branch.abs().min() > 0 and branch_after.abs().min() > 0
+        torch.testing.assert_close(added, branch * per_row, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(added_after, branch_after * per_row, rtol=1e-4, atol=1e-5)  # the global mask
+    mask, _ = ConceptrolMask().mask(model, samples, 0)
+    assert mask.shape == (2, 128, 128) and torch.equal(mask[:, ::32, ::32], records[-1][:, 0])
 
 
 def ones_or_zeros(value):
@@ -222,6 +264,66 @@ def test_two_subjects_each_get_their_own_mask(base, clip, comfy, monkeypatch):
     monkeypatch.setattr(conceptrol_patch, "concept_mask", first_on_second_off)
     expected = env.ksample(dog_only, positive, negative)
     assert torch.equal(env.ksample(conceptrol(both, clip, "dog, cat", prompt), positive, negative), expected)
+
+
+# SDXL: a tiny SDXL-layout model (SDXL's blocks and transformer depths, text width 2048, `y` from clip_g's pooled
+# output), a tiny SDXL CLIP (SDXL's 'g' and 'l' tokenizations) and an adapter IPAdapter_plus takes for SDXL
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    clip = env.tiny_sdxl_clip()
+    base = env.tiny_sdxl_model()
+    adapted = env.apply_ipadapter(base, sdxl=True)
+    positive, negative = env.encode(clip, PROMPT), env.encode(clip, "")
+    assert positive[0][0].shape == (1, 77, 2048) and positive[0][1]["pooled_output"].shape == (1, 1280)
+    return types.SimpleNamespace(clip=clip, base=base, adapted=adapted, conds=(positive, negative))
+
+
+def test_sdxl_clip_tokenizations_agree_and_the_node_finds_the_concept_in_them(sdxl):
+    from conceptrol.comfyui.tokens import find_token_spans
+
+    tokens = sdxl.clip.tokenize(PROMPT)
+    assert set(tokens) == {"g", "l"}  # SDXL's text is both encoders' hidden states side by side, position by position
+    (g,), (l,) = tokens["g"], tokens["l"]
+    ids = [token for token, _ in l]
+    assert len(g) == len(l) == 77 and ids[:10] == [49406, 320, 1125, 539, 320, 1929, 525, 320, 2117, 49407]
+    assert g[:10] == l[:10] and l[5] == (1929, 1.2)  # 'dog' with its weight
+    assert {token for token, _ in g[10:]} == {0} and set(ids[10:]) == {49407}  # only the padding differs
+    assert find_token_spans(sdxl.clip, PROMPT, ["dog", "(dog:1.2)", "a beach"]) == [DOG, DOG, slice(7, 9)]
+    long_prompt = "word " * 80 + "and a dog"  # the second 77-token chunk, in both tokenizations
+    assert find_token_spans(sdxl.clip, long_prompt, ["dog"]) == [slice(77 + 1 + 5 + 2, 77 + 1 + 5 + 3)]
+    assert env.encode(sdxl.clip, long_prompt)[0][0].shape == (1, 154, 2048)
+    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*dog</w>"):
+        conceptrol(sdxl.adapted, sdxl.clip, "cat")
+
+
+@pytest.fixture(scope="module")
+def sdxl_plain(sdxl):
+    """The tiny SDXL model with IPAdapter_plus alone, sampled (3 steps)."""
+    return env.ksample(sdxl.adapted, *sdxl.conds)
+
+
+def test_sdxl_recorded_mask_equals_the_text_attention_by_hand(sdxl, sdxl_plain):
+    attn2 = sdxl.adapted.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert len(attn2) == 70 and ("output", 1, 3) in attn2  # IPAdapter_plus patched it as an SDXL model
+    model = conceptrol(sdxl.adapted, sdxl.clip)
+    assert model.attachments["conceptrol"].concept_layer == ("output", 1, 3)
+    spy = Spy(model, ("output", 1, 3))
+    picture = env.ksample(model, *sdxl.conds)
+    records = model.attachments["conceptrol"].last_records
+    assert len(records) == len(spy.calls) == 3
+    for (q, k, chunks), record in zip(spy.calls, records):
+        assert chunks == [1, 0] and q.shape == (2, 16, 128) and k.shape == (2, 77, 128)  # 2 heads of 64
+        expected = mask_by_hand(q, k, chunks, DOG, heads=2).reshape(1, 1, 4, 4)  # output block 1: 1/4 of 16x16
+        torch.testing.assert_close(record, expected, rtol=1e-5, atol=1e-6)
+    assert records[0].std() > 0.05  # a real mask, not a flat one
+    assert not torch.equal(picture, sdxl_plain)
+
+
+def test_sdxl_mask_of_ones_gives_plain_ipadapter_plus(sdxl, sdxl_plain, monkeypatch):
+    monkeypatch.setattr(conceptrol_patch, "concept_mask", ones_or_zeros(1.0))
+    assert torch.equal(env.ksample(conceptrol(sdxl.adapted, sdxl.clip), *sdxl.conds), sdxl_plain)
+    assert not torch.equal(env.ksample(sdxl.base, *sdxl.conds), sdxl_plain)  # the adapter does act
 
 
 def test_concepts_are_found_with_comfyui_tokenization(adapted, clip):
