@@ -2,7 +2,8 @@
 # Issue 12's GPU figures in one prepared run (e.g. on the project's lent H200): Conceptrol vs the stock pipeline,
 # time per step and peak memory, random weights at real size. Results: one JSON (or text) per row in ${OUT:-gpu-figures}.
 #   bash benchmarks/gpu_figures.sh sd     # SD 1.5 and SDXL, fp16 and bf16, eager and compiled (about 6 minutes)
-#   bash benchmarks/gpu_figures.sh flux   # FLUX OminiControl at 512 and 1024, XLabs / Kontext / Redux at 1024 (bf16)
+#   bash benchmarks/gpu_figures.sh flux   # FLUX OminiControl at 512 and 1024, XLabs / Kontext / Redux at 1024 (bf16,
+#                                         # eager and compiled)
 #   SMOKE=1 bash benchmarks/gpu_figures.sh all   # the same rows on the CPU at toy sizes: checks the script itself
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,8 @@ if [[ $rows == flux || $rows == all ]]; then
   for size in "${sizes[@]}"; do
     python benchmarks/overhead_flux.py "${device[@]}" "${flux[@]}" --size "$size" | tee "$out/flux-ominicontrol-$size.txt"
   done
-  python benchmarks/overhead_flux_adapters.py "${device[@]}" "${flux[@]}" --size $adapters_size --read preset \
-    --json "$out/flux-adapters-$adapters_size.json"
+  for compiled in "" --compile; do
+    python benchmarks/overhead_flux_adapters.py "${device[@]}" "${flux[@]}" --size $adapters_size --read preset \
+      $compiled --json "$out/flux-adapters-$adapters_size${compiled:+-compiled}.json"
+  done
 fi

@@ -13,7 +13,9 @@ Conceptrol runs with global masking at step 1 of 28 with the previous step's mas
 (Kontext, Redux) and M (XLabs) terms act in every block, as in every step after the first. By default every
 block reads the mask (--read all), which overstates Conceptrol's share: FLUX.1 reads at 3 of its 57 blocks
 (--read preset keeps the handle's own reading blocks). Stock runs have the stock processors installed (the
-handle is removed); the two alternate, and medians are reported.
+handle is removed); the two alternate, and medians are reported. With --compile the transformer is compiled after
+`apply_conceptrol`, the handle stays installed and stock runs open no call (every processor hands over to the
+stock one), so each graph compiles once, during the warm-up.
 
 FLUX.1's 12B parameters do not fit a 24 GiB CPU machine, so on CPU pass fewer blocks (the per-block cost
 is what the ratio measures); the concept block is then the last double block:
@@ -21,6 +23,7 @@ is what the ratio measures); the concept block is then the last double block:
     python benchmarks/overhead_flux_adapters.py --double 1 --single 2 --size 256 --repeats 7 --profile \
         --json benchmarks/results-flux-adapters-cpu.json                                          # CPU
     python benchmarks/overhead_flux_adapters.py --device cuda --dtype bf16 --size 1024 --read preset   # real depth
+    python benchmarks/overhead_flux_adapters.py --device cuda --dtype bf16 --size 1024 --read preset --compile
 """
 
 from __future__ import annotations
@@ -138,17 +141,20 @@ def make_setup(adapter: str, model: FluxTransformer2DModel, args: argparse.Names
 
 
 class ConceptrolRun:
-    """Installs Conceptrol and opens a call as the handle does (AdapterCall on its state; its hook fills the layout)."""
+    """Opens a call as the handle does (AdapterCall on its state; its hook fills the layout).
 
-    def __init__(self, setup: Setup, config: ConceptrolConfig, read_all: bool, step: int, mask: torch.Tensor | None):
+    Eager, it installs Conceptrol on entry and removes it on exit, so the stock runs between are the stock pipeline.
+    Compiled (`handle` given), Conceptrol stays installed and the stock runs have no call open, so every processor
+    hands over to the stock one: swapping processors would recompile the transformer at every run.
+    """
+
+    def __init__(self, setup: Setup, config: ConceptrolConfig, read_all: bool, step: int, mask: torch.Tensor | None,
+                 handle: Any = None):
         self.setup, self.config, self.read_all, self.step, self.mask = setup, config, read_all, step, mask
+        self.installed = handle
 
     def __enter__(self) -> AdapterCall:
-        self.handle = apply_conceptrol(self.setup.pipe, self.config, redux=self.setup.prior)
-        if self.read_all:  # every block reads (overstates the cost: FLUX.1 reads at 3 of its 57 blocks)
-            for processor in self.setup.pipe.transformer.attn_processors.values():
-                if isinstance(processor, FluxBlockProcessor):
-                    processor.reads = True
+        self.handle = self.installed or install(self.setup, self.config, self.read_all)
         call = AdapterCall(spans=[[SPAN]], total_steps=STEPS, num_t5=self.setup.num_t5, step=self.step,
                            mask=self.mask)
         self.handle.state.call = call
@@ -156,7 +162,17 @@ class ConceptrolRun:
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.state.call = None
-        self.handle.remove()
+        if self.installed is None:
+            self.handle.remove()
+
+
+def install(setup: Setup, config: ConceptrolConfig, read_all: bool) -> Any:
+    handle = apply_conceptrol(setup.pipe, config, redux=setup.prior)
+    if read_all:  # every block reads (overstates the cost: FLUX.1 reads at 3 of its 57 blocks)
+        for processor in setup.pipe.transformer.attn_processors.values():
+            if isinstance(processor, FluxBlockProcessor):
+                processor.reads = True
+    return handle
 
 
 def evaluate(setup: Setup, device: str) -> tuple[float, float, int]:
@@ -174,17 +190,21 @@ def evaluate(setup: Setup, device: str) -> tuple[float, float, int]:
 def measure(setup: Setup, config: ConceptrolConfig, args: argparse.Namespace) -> dict:
     """Warm up (the Conceptrol call's first step reads the mask), then alternate stock and Conceptrol evaluations."""
     read_all = args.read == "all"
+    handle = install(setup, config, read_all) if args.compile else None
+    if args.compile:
+        setup.pipe.transformer.compile()  # after apply_conceptrol, as users compile
     evaluate(setup, args.device)
-    with ConceptrolRun(setup, config, read_all, step=0, mask=None) as call:
+    with ConceptrolRun(setup, config, read_all, step=0, mask=None, handle=handle) as call:
         first = evaluate(setup, args.device)
         mask = call.mask
     runs = {"stock": lambda: evaluate(setup, args.device)}
 
     def conceptrol() -> tuple[float, float, int]:
-        with ConceptrolRun(setup, config, read_all, step=1, mask=mask):  # a later step: the mask carries over
+        with ConceptrolRun(setup, config, read_all, step=1, mask=mask, handle=handle):  # a later step: the mask carries over
             return evaluate(setup, args.device)
 
     runs["conceptrol"] = conceptrol
+    conceptrol()  # warm-up of the later steps' graph (compiled) or kernels
     raw = {name: {"eval_s": [], "eval_cpu_s": [], "peak_bytes": []} for name in runs}
     for repeat in range(args.repeats):
         for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
@@ -199,18 +219,22 @@ def measure(setup: Setup, config: ConceptrolConfig, args: argparse.Namespace) ->
         result[key] = result["conceptrol"][stat] / max(result["stock"][stat], 1e-12)
     result["tokens"] = setup.tokens
     if args.profile:
-        result["profile"] = profile(setup, config, read_all, mask, args.device)
+        result["profile"] = profile(setup, config, read_all, mask, args.device, handle)
+    if handle is not None:
+        handle.remove()
     return result
 
 
-def profile(setup: Setup, config: ConceptrolConfig, read_all: bool, mask: torch.Tensor, device: str) -> dict:
+def profile(setup: Setup, config: ConceptrolConfig, read_all: bool, mask: torch.Tensor, device: str,
+            handle: Any = None) -> dict:
     """Self time per operator (ms) of one stock and one Conceptrol evaluation: where the extra time goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     tables = {}
     for name in ("stock", "conceptrol"):
-        with ConceptrolRun(setup, config, read_all, 1, mask) if name == "conceptrol" else contextlib.nullcontext():
+        run = ConceptrolRun(setup, config, read_all, 1, mask, handle)
+        with run if name == "conceptrol" else contextlib.nullcontext():
             with torch_profile(activities=activities) as prof:
                 evaluate(setup, device)
         attribute = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
@@ -232,6 +256,7 @@ def main() -> None:
                         help="all: every block reads the mask (overstates); preset: the handle's reading blocks")
     parser.add_argument("--concept-layer", help="default: FLUX.1's transformer_blocks.18, else the last double block")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer after apply_conceptrol")
     parser.add_argument("--profile", action="store_true", help="add per-operator self times of one evaluation each")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
