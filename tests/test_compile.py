@@ -86,6 +86,20 @@ def test_compiled_unet_has_no_graph_break_and_one_graph_per_kind_of_step(make):
     assert graphs == {"vanilla": (1, 1), "conceptrol": (2, 2)}
 
 
+def test_a_unet_compiled_before_apply_conceptrol_compiles_conceptrols_graphs_once_and_keeps_its_own():
+    pipe = sd_pipe(tiny_sd15_pipeline)
+    counter = CompileCounter()
+    pipe.unet = torch.compile(pipe.unet, backend=counter, fullgraph=True)
+    stock = Stock(pipe)
+    sd_call(stock)
+    handle = apply_conceptrol(pipe)
+    sd_call(handle)
+    sd_call(handle, prompt="a cat and a dog", steps=4)
+    handle.remove()
+    sd_call(stock)
+    assert counter.frame_count == 1 + 2
+
+
 def test_compiled_unet_with_a_window_compiles_each_kind_of_step_once():
     pipe = sd_pipe(tiny_sd15_pipeline)
     handle = apply_conceptrol(pipe, ConceptrolConfig(start=0.5))
