@@ -34,8 +34,8 @@ class ConceptrolRun:
     concept_layer: tuple[str, int, int]
     masking: str = "global"  # or "local": every layer its own mask
     global_mask: Tensor | None = None  # [S, J, h, w], the concept layer's latest read; None before the first
-    records: list[Tensor] = field(default_factory=list)  # every read of this sampling run, [S, J, h, w] on the CPU
-    last_records: list[Tensor] = field(default_factory=list)  # the reads of the last finished run
+    records: list[Tensor] = field(default_factory=list)  # every read of this sampling run, [S, J, h, w]
+    last_records: list[Tensor] = field(default_factory=list)  # the reads of the last finished run, fp32 on the CPU
 
     def __deepcopy__(self, memo: dict) -> ConceptrolRun:
         return self
@@ -45,7 +45,9 @@ class ConceptrolRun:
         self.global_mask, self.records = None, []
 
     def end(self) -> None:
-        self.last_records, self.records, self.global_mask = self.records, [], None
+        """A sampling run ended: its reads move to the CPU once (not one device sync per step)."""
+        self.last_records = [record.float().cpu() for record in self.records]
+        self.records, self.global_mask = [], None
 
     def around_sampling(self, executor, *args, **kwargs):
         """ComfyUI OUTER_SAMPLE wrapper: a fresh state for every sampling run (KSampler, SamplerCustom, ...)."""
@@ -69,7 +71,7 @@ class ConceptrolRun:
             mask = self._local_mask(query[cond], key[cond], extra_options["n_heads"])  # [S, J, N]
             if is_concept_layer:
                 self.global_mask = mask.unflatten(-1, grid)
-                self.records.append(self.global_mask.detach().float().cpu())
+                self.records.append(self.global_mask.detach())
         elif self.global_mask is not None:  # an uncond-only batch: the latest read
             mask = resize_mask(self.global_mask, grid)
         else:
