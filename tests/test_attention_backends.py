@@ -113,3 +113,16 @@ def test_kontext_without_a_bias_takes_any_backend(backend_calls):
     pipe.transformer.set_attention_backend("_native_flash")
     call(handle, "kontext")
     assert set(backend_calls) == {"_native_flash"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention run eagerly warns that it is slow
+def test_kontext_on_flex_attention_takes_the_bias_and_equals_native(backend_calls):
+    """flex adds the float bias in a score_mod: the same attention as the dense-mask backends."""
+    pipe, extra = make("kontext")
+    handle = apply_conceptrol(pipe, CONFIG)
+    native = call(handle, "kontext")
+    backend_calls.clear()
+    set_processor_backend(pipe, "flex")
+    flex = call(handle, "kontext")
+    assert set(backend_calls) == {"flex"}
+    torch.testing.assert_close(flex, native, **ROUND_OFF)
