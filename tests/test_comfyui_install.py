@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,10 @@ def test_install_writes_the_loader_once_and_says_so_again(comfyui, capsys):
     code, out, _ = cli(capsys, "comfyui", "install", str(comfyui))
     loader = comfyui / "custom_nodes" / FOLDER / "__init__.py"
     assert code == 0 and out.startswith("installed the Conceptrol nodes") and str(loader) in out
-    assert files(comfyui) == sorted(before + [f"custom_nodes/{FOLDER}", f"custom_nodes/{FOLDER}/__init__.py"])
+    assert files(comfyui) == sorted(before + [f"custom_nodes/{FOLDER}", f"custom_nodes/{FOLDER}/__init__.py",
+                                              f"custom_nodes/{FOLDER}/requirements.txt"])
     assert loader.read_text() == LOADER and "from conceptrol.comfyui import NODE_CLASS_MAPPINGS" in LOADER
+    assert loader.with_name("requirements.txt").read_text().split() == ["conceptrol"]  # for ComfyUI-Manager
     code, out, _ = cli(capsys, "comfyui", "install", str(comfyui))
     assert code == 0 and "already installed" in out and "unchanged" in out
     loader.write_text(LOADER.splitlines()[0] + "\nold version\n")  # an older loader of ours is replaced
@@ -59,9 +62,11 @@ def test_install_leaves_someone_elses_folder_alone(comfyui, capsys):
     assert code == 2 and "was not written by conceptrol" in err and theirs.read_text() == "# another project\n"
 
 
-def test_install_through_a_subprocess(comfyui):
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "conceptrol.cli", "comfyui", "install", str(comfyui)],
+def test_install_with_the_console_script_in_a_users_environment(comfyui):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY",
+                                                             "DIFFUSERS_VERBOSITY", "OMP_WAIT_POLICY")}
+    script = Path(sys.executable).with_name("conceptrol")  # what `pip install` put next to this Python
+    result = subprocess.run([str(script), "comfyui", "install", str(comfyui)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "installed the Conceptrol nodes" in result.stdout and result.stderr == ""
     assert (comfyui / "custom_nodes" / FOLDER / "__init__.py").read_text() == LOADER

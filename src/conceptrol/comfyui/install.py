@@ -24,6 +24,8 @@ except ImportError as error:
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 '''
+# ComfyUI-Manager installs a custom node's requirements.txt into ComfyUI's Python ("Install"/"Try fix")
+REQUIREMENTS = "conceptrol\n"
 
 
 @dataclass(frozen=True)
@@ -40,20 +42,26 @@ class InstallResult:
 
 
 def install_comfyui_loader(comfyui: Path) -> InstallResult:
-    """Write (or leave, if identical) custom_nodes/ComfyUI-Conceptrol/__init__.py in the ComfyUI folder `comfyui`."""
+    """Write (or leave, if identical) custom_nodes/ComfyUI-Conceptrol/{__init__.py, requirements.txt} in the ComfyUI
+    folder `comfyui`."""
     comfyui = Path(comfyui).expanduser()
     if not _is_comfyui(comfyui):
         raise ConceptrolError(f"{comfyui} is not a ComfyUI folder (it needs main.py, comfy/ and custom_nodes/); "
                               "pass the folder you start ComfyUI from")
     folder = comfyui / "custom_nodes" / FOLDER
-    loader = folder / "__init__.py"
-    if loader.is_file() and loader.read_text(encoding="utf-8") == LOADER:
+    loader, requirements = folder / "__init__.py", folder / "requirements.txt"
+    if _holds(loader, LOADER) and _holds(requirements, REQUIREMENTS):
         return InstallResult(loader, changed=False)
     if folder.exists() and not (loader.is_file() and loader.read_text(encoding="utf-8").startswith(MARKER)):
         raise ConceptrolError(f"{folder} exists and was not written by conceptrol; move it away and run this again")
     folder.mkdir(exist_ok=True)
+    requirements.write_text(REQUIREMENTS, encoding="utf-8")
     loader.write_text(LOADER, encoding="utf-8")
     return InstallResult(loader, changed=True)
+
+
+def _holds(path: Path, text: str) -> bool:
+    return path.is_file() and path.read_text(encoding="utf-8") == text
 
 
 def _is_comfyui(path: Path) -> bool:
