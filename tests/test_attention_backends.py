@@ -54,32 +54,27 @@ def call(handle, kind):
     return handle(PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2)).images
 
 
-@pytest.mark.parametrize("kind", ["xlabs-ip", "kontext", "redux"])
-def test_every_attention_runs_on_the_backend_the_user_set(kind, backend_calls):
+# (adapter, backend): the dense float-mask path, flex (the bias as a score_mod), and the gate path of XLabs, which
+# adds no bias, on a flash-style backend without masks
+BACKENDS = [("xlabs-ip", "_native_math"), ("kontext", "_native_math"), ("redux", "_native_math"),
+            ("kontext", "flex"), ("xlabs-ip", "_native_flash")]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention run eagerly warns that it is slow
+@pytest.mark.parametrize("kind, backend", BACKENDS)
+def test_every_attention_runs_on_the_backend_the_user_set(kind, backend, backend_calls):
     pipe, extra = make(kind)
     handle = apply_conceptrol(pipe, CONFIG, **extra)
     default = call(handle, kind)
     assert set(backend_calls) == {"native"}
     backend_calls.clear()
-    set_processor_backend(pipe, "_native_math")
-    math = call(handle, kind)
+    set_processor_backend(pipe, backend)
+    ours = call(handle, kind)
     attentions = 2 + 2  # double and single blocks, one attention each per transformer call
     extra_ip = 2 if kind == "xlabs-ip" else 0  # the IP-Adapter branch of each double block
-    assert backend_calls == {"_native_math": 2 * (attentions + extra_ip)}  # two steps
-    torch.testing.assert_close(math, default, **ROUND_OFF)
+    assert backend_calls == {backend: 2 * (attentions + extra_ip)}  # two steps
+    torch.testing.assert_close(ours, default, **ROUND_OFF)
     assert handle.masks is not None and handle.masks.masks.shape[0] == 2
-
-
-def test_xlabs_ip_adapter_runs_on_a_backend_without_masks(backend_calls):
-    """The gate path adds no bias: a flash-style backend is fine, and it is used for every attention."""
-    pipe, extra = make("xlabs-ip")
-    handle = apply_conceptrol(pipe, CONFIG)
-    default = call(handle, "xlabs-ip")
-    backend_calls.clear()
-    set_processor_backend(pipe, "_native_flash")
-    flash = call(handle, "xlabs-ip")
-    assert set(backend_calls) == {"_native_flash"}
-    torch.testing.assert_close(flash, default, **ROUND_OFF)
 
 
 @pytest.mark.parametrize("kind", ["kontext", "redux"])
@@ -114,15 +109,3 @@ def test_kontext_without_a_bias_takes_any_backend(backend_calls):
     call(handle, "kontext")
     assert set(backend_calls) == {"_native_flash"}
 
-
-@pytest.mark.filterwarnings("ignore::UserWarning")  # flex attention run eagerly warns that it is slow
-def test_kontext_on_flex_attention_takes_the_bias_and_equals_native(backend_calls):
-    """flex adds the float bias in a score_mod: the same attention as the dense-mask backends."""
-    pipe, extra = make("kontext")
-    handle = apply_conceptrol(pipe, CONFIG)
-    native = call(handle, "kontext")
-    backend_calls.clear()
-    set_processor_backend(pipe, "flex")
-    flex = call(handle, "kontext")
-    assert set(backend_calls) == {"flex"}
-    torch.testing.assert_close(flex, native, **ROUND_OFF)
