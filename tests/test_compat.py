@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate import cpu_offload
 from diffusers import FluxPriorReduxPipeline
-from helpers import reference_image
+from helpers import flux_adapter_kwargs, reference_image, tiny_flux_adapter
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -342,3 +342,44 @@ def test_conceptrol_with_offloading_equals_the_run_without(tmp_path, run, offloa
     images = generate()
     assert offload != "model" or onloads
     torch.testing.assert_close(images, expected, **ROUND_OFF)
+
+
+# --- Quantized transformers (torchao, through diffusers' TorchAoConfig) --------------------------------------------
+
+def quantized_flux(kind, tmp_path):
+    """`tiny_flux_adapter(kind)` whose transformer is reloaded int8 weight-only, as users load FLUX with
+    `quantization_config=TorchAoConfig(...)` (bf16: torchao's int8 path takes no other dtype); the rest in bf16."""
+    from diffusers import FluxTransformer2DModel, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    pipe, extra = tiny_flux_adapter(kind)
+    if kind == "xlabs-ip":
+        pipe.unload_ip_adapter()  # loaded again onto the quantized transformer, as the adapter comes after the model
+    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    pipe.transformer = FluxTransformer2DModel.from_pretrained(
+        tmp_path / "transformer", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.bfloat16)
+    if kind == "xlabs-ip":
+        load_tiny_xlabs_ip_adapter(pipe, tmp_path / "xlabs")
+    for name, component in [*pipe.components.items(), *extra.items()]:
+        if isinstance(component, (torch.nn.Module, FluxPriorReduxPipeline)) and name != "transformer":
+            component.to(torch.bfloat16)
+    return pipe, extra
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["xlabs-ip", "kontext", "redux"])
+def test_conceptrol_on_a_torchao_quantized_transformer(kind, tmp_path):
+    pipe, extra = quantized_flux(kind, tmp_path)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    layer = dict(concept_layer="transformer_blocks.1")
+    plain = apply_conceptrol(pipe, ConceptrolConfig(masking="none", **layer), **extra)
+    off = plain(PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2)).images
+    plain.remove()
+    if kind != "redux":  # Redux's stock way (the prior with the text encoders) is compared in test_flux_adapters
+        assert torch.equal(off, pipe(prompt=PROMPT, **flux_adapter_kwargs(kind, steps=2)).images)
+    handle = apply_conceptrol(pipe, ConceptrolConfig(**layer), **extra)
+    on = handle(PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2)).images
+    masks = handle.masks.masks
+    assert on.dtype == torch.bfloat16 and torch.isfinite(on.float()).all()
+    assert (on.float() - off.float()).abs().max() > 1e-3  # the masks acted
+    assert masks.shape[0] == 2 and masks.std() > 0.1  # a real mask in each step, not a flat one
