@@ -7,6 +7,7 @@ command imports torch, diffusers or gradio only when it needs them.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -214,6 +215,10 @@ def _quiet_libraries() -> None:
         os.environ.setdefault(f"{library}_VERBOSITY", "error")  # read when they are first imported, below
     if not sys.stderr.isatty():  # download bars are noise in logs
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # diffusers imports torchao when it is installed: its import logs warnings about its own CUDA extensions, and
+    # torch's pytree one about torchao's enums; advice to library authors, noise in our output
+    for logger in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
     for library in ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "torch"):
         warnings.filterwarnings("ignore", category=UserWarning, module=library)
         warnings.filterwarnings("ignore", category=FutureWarning, module=library)
