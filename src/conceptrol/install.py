@@ -14,7 +14,7 @@ from .concepts import ResolvedConcepts, resolve_concepts
 from .config import CONCEPT_LAYERS, ConceptrolConfig
 from .errors import ConceptrolError
 from .flux_handle import is_flux_pipeline
-from .processors.unet import ConceptrolIPAdapterProcessor, StepSwitch
+from .processors.unet import ConceptrolIPAdapterProcessor
 from .state import ConceptMasks, ConceptrolState
 
 PROCESSOR_SUFFIX = ".processor"
@@ -78,15 +78,13 @@ class ConceptrolHandle:
         self.pipe = pipe
         self.config = config
         self.state = ConceptrolState(config)
-        self.switch = StepSwitch()  # the window, as a bool the processors read (see StepSwitch)
         unet = pipe.unet
         self._saved = dict(unet.attn_processors)
         installed = dict(self._saved)
         for key, proc in self._saved.items():
             if hasattr(proc, "to_k_ip"):
                 name = key.removesuffix(PROCESSOR_SUFFIX)
-                installed[key] = ConceptrolIPAdapterProcessor(proc, self.state, self.switch, name,
-                                                             name == config.concept_layer)
+                installed[key] = ConceptrolIPAdapterProcessor(proc, self.state, name, name == config.concept_layer)
         unet.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
         self._installed = installed
         self._hook = unet.register_forward_pre_hook(self._on_unet_forward, with_kwargs=True)
@@ -107,7 +105,6 @@ class ConceptrolHandle:
             warnings.warn("concept positions are read from `prompt`; a different `prompt_2` is not searched", stacklevel=2)
         kwargs = self._with_step_callback(kwargs)
         self.state.begin(resolved.spans, resolved.labels, total_steps=kwargs.get("num_inference_steps", 50))
-        self.switch.active = self.state.adapter_active()
         try:
             return self.pipe(prompt=prompt, **kwargs)
         finally:
@@ -148,14 +145,14 @@ class ConceptrolHandle:
 
     def _with_step_callback(self, kwargs: dict) -> dict:
         """Chain a step counter (and the mask recorder) before the user's callback_on_step_end (kept working as before)."""
-        state, switch = self.state, self.switch
+        state = self.state
 
         def finished(step: int) -> None:
             call = state.call
             if state.config.record_masks and call.global_mask is not None:  # the concept layer's mask of this step
                 call.records.append(call.global_mask.detach())
             call.step = step + 1
-            switch.active = state.adapter_active()
+            state.follow_window()
 
         return chain_step_callback(kwargs, finished)
 
@@ -169,11 +166,11 @@ class ConceptrolHandle:
         call.set_latent_size(tuple(sample.shape[-2:]))
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if isinstance(text, torch.Tensor):
-            call.prepare_weights(text.shape[1], text.device)
+            call.weights(text.shape[1], text.device)  # built here, outside a compiled U-Net
         steps = getattr(self.pipe, "_num_timesteps", None)
         if isinstance(steps, int) and steps > 0:
             call.total_steps = steps
-            self.switch.active = self.state.adapter_active()
+            self.state.follow_window()
 
 
 def count_reference_images(kwargs: dict, num_adapters: int) -> int:

@@ -38,7 +38,11 @@ class CallState:
     labels: list[list[str]]  # [sample][concept] for display
     total_steps: int  # best guess until the pipeline reports the steps it really runs
     latent_hw: tuple[int, int] | None = None  # set from the U-Net input on every evaluation
-    step: int = 0
+    step: int = 0  # read by the handle only
+    # whether the adapter acts in the running step (the [start, end] window), set by the handle between U-Net calls:
+    # processors read this bool, never the step, since a compiled U-Net is specialised on every Python value its
+    # processors read (reading the step would recompile it at every step)
+    active: bool = True
     global_mask: Tensor | None = None  # [S, J, h, w] from the concept layer
     _resized: dict[tuple, Tensor] = field(default_factory=dict)
     _weights: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
@@ -53,29 +57,22 @@ class CallState:
         return len(self.spans[0])
 
     def weights(self, num_tokens: int, device: torch.device) -> Tensor:
-        """Span-averaging weights [S, J, T], built once per call and device.
+        """Span-averaging weights [S, J, T], checked against the text length and built once per call and device.
 
-        The handle builds them before each U-Net evaluation (`prepare_weights`), so a compiled U-Net reads a
-        tensor and never the spans: reading them would specialise its graph on the concept's position.
+        The handle builds them before each U-Net evaluation, so a compiled U-Net reads a tensor and never the
+        spans: reading them would specialise its graph on the concept's position.
         """
         key = (num_tokens, device)
         if key not in self._weights:
-            self.prepare_weights(num_tokens, device)
+            for sample_spans in self.spans:
+                for span in sample_spans:
+                    if span.stop > num_tokens:
+                        raise ValueError(
+                            f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
+                            "the model receives"
+                        )
+            self._weights[key] = span_weights(self.spans, num_tokens, device)
         return self._weights[key]
-
-    def prepare_weights(self, num_tokens: int, device: torch.device) -> None:
-        """Check the spans against the text length the U-Net receives and build their weights."""
-        key = (num_tokens, device)
-        if key in self._weights:
-            return
-        for sample_spans in self.spans:
-            for span in sample_spans:
-                if span.stop > num_tokens:
-                    raise ValueError(
-                        f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
-                        "the model receives"
-                    )
-        self._weights[key] = span_weights(self.spans, num_tokens, device)
 
     def store_global(self, mask: Tensor) -> None:
         """The concept layer's mask [S, J, h, w] becomes the one every other layer uses."""
@@ -110,6 +107,7 @@ class ConceptrolState:
 
     def begin(self, spans: list[list[slice]], labels: list[list[str]], total_steps: int) -> None:
         self.call = CallState(spans=spans, labels=labels, total_steps=total_steps)
+        self.follow_window()
         self.last_masks = None
 
     def end(self) -> None:
@@ -122,6 +120,7 @@ class ConceptrolState:
                 layer=self.config.concept_layer,
             )
 
-    def adapter_active(self) -> bool:
+    def follow_window(self) -> None:
+        """Set `call.active` from the step; the handle calls it between U-Net calls."""
         call = self.call
-        return adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
+        call.active = adapter_active(call.step, call.total_steps, self.config.start, self.config.end)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import IPAdapterMaskProcessor
@@ -15,17 +13,6 @@ from ..masking import concept_mask, text_attention_probs
 from ..state import CallState, ConceptrolState
 
 
-@dataclass
-class StepSwitch:
-    """Whether the adapter acts in the running step (the warm-up window), set by the handle between U-Net calls.
-
-    Processors read this bool, never the step number: torch.compile specialises a graph on every Python value a
-    processor reads, so reading the step would recompile the U-Net at every step; this flips at most twice a call.
-    """
-
-    active: bool = True
-
-
 class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
     """IP-Adapter attention whose image branch acts only inside the concept mask (arXiv 2503.06568, eq. 5).
 
@@ -34,8 +21,7 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
     to the wrapped processor, so a plain `pipe(...)` is vanilla IP-Adapter.
     """
 
-    def __init__(self, wrapped: nn.Module, state: ConceptrolState, switch: StepSwitch, name: str,
-                 is_concept_layer: bool) -> None:
+    def __init__(self, wrapped: nn.Module, state: ConceptrolState, name: str, is_concept_layer: bool) -> None:
         nn.Module.__init__(self)  # the IP-Adapter weights are the wrapped processor's, not new ones
         object.__setattr__(self, "wrapped", wrapped)  # not a submodule: no duplicate state-dict keys
         self.hidden_size = wrapped.hidden_size
@@ -44,7 +30,6 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         self.to_k_ip = wrapped.to_k_ip
         self.to_v_ip = wrapped.to_v_ip
         self.state = state
-        self.switch = switch
         self.name = name
         self.is_concept_layer = is_concept_layer
 
@@ -75,7 +60,7 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         x, spatial_shape = _tokens_in(attn, hidden_states, temb)
         attention_mask = _attention_bias(attn, attention_mask, text_states)
         query, key, out = _text_attention(attn, x, text_states, attention_mask)
-        active = self.switch.active
+        active = call.active
         weights = self._concept_weights(call, query, key, attention_mask, active)
         if active:
             out = self._add_adapter_branch(out, query, ip_states, weights, ip_adapter_masks)
