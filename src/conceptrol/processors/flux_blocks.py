@@ -145,9 +145,13 @@ class FluxAdapterState:
         call, layout = self.call, self.call.layout
         if self.masking:
             call.weights(layout.text.stop - layout.text.start, device)
-        scale = self.reference_scale()
-        if self.mode == "bias" and layout.has_reference and (self.masking or scale != 1.0):
-            call.base_bias(layout, scale, self.masking, device)
+        if self.biased(layout):
+            call.base_bias(layout, self.reference_scale(), self.masking, device)
+
+    def biased(self, layout: SequenceLayout) -> bool:
+        """Whether a transformer call of this layout gets an attention bias: the bias mode, reference tokens in the
+        sequence (Redux's negative pass has none), and masking or a strength other than 1."""
+        return self.mode == "bias" and layout.has_reference and (self.masking or self.reference_scale() != 1.0)
 
     def reference_scale(self) -> float:
         """c for the bias mode: the requested strength inside the window, 0.5 outside (section 2)."""
@@ -228,18 +232,14 @@ class FluxBlockProcessor(torch.nn.Module):
         if layout is None:
             return False
         if state.mode == "bias":
-            return layout.has_reference and (state.masking or state.reference_scale() != 1.0)
+            return state.biased(layout)
         if state.masking:
             return self.reads or self.gates
         return self.gates and (state.config.scale is not None or not state.active())
 
     def _bias(self, call: AdapterCall, layout: SequenceLayout, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        if not layout.has_reference:  # e.g. Redux's negative pass: text only, nothing to confine
-            return None
-        scale, conceptrol = self.state.reference_scale(), self.state.masking
-        if not conceptrol and scale == 1.0:
-            return None
-        return call.bias(layout, scale, conceptrol, device, dtype)
+        state = self.state
+        return call.bias(layout, state.reference_scale(), state.masking, device, dtype) if state.biased(layout) else None
 
     def _read(self, call: AdapterCall, joint: _Attention, layout: SequenceLayout) -> Tensor | None:
         """Read the concept mask where this block reads; returns the gate mask this block applies (gate mode).
