@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..errors import ConceptrolError
@@ -36,6 +37,7 @@ class ConceptrolRun:
     global_mask: Tensor | None = None  # [S, J, h, w], the concept layer's latest read; None before the first
     records: list[Tensor] = field(default_factory=list)  # every read of this sampling run, [S, J, h, w]
     last_records: list[Tensor] = field(default_factory=list)  # the reads of the last finished run, fp32 on the CPU
+    _weights: dict[tuple, Tensor] = field(default_factory=dict)  # span weights per (rows, text tokens, device)
 
     def __deepcopy__(self, memo: dict) -> ConceptrolRun:
         return self
@@ -82,14 +84,22 @@ class ConceptrolRun:
 
     def _local_mask(self, query: Tensor, key: Tensor, heads: int) -> Tensor:
         """M_i of section 1 from the conditional rows' text attention: [S, J, N]."""
-        for label, span in zip(self.labels, self.spans):
-            if span.stop > key.shape[1]:
-                raise ConceptrolError(f"concept {label!r} sits at tokens {span.start}..{span.stop - 1}, past the "
-                                      f"{key.shape[1]} text tokens this model receives; is the prompt the one sampled?")
         query = query.unflatten(-1, (heads, -1)).transpose(1, 2)  # [S, H, N, d]
         key = key.unflatten(-1, (heads, -1)).transpose(1, 2)  # [S, H, T, d]
-        weights = span_weights([self.spans] * query.shape[0], key.shape[2], query.device)  # [S, J, T]
+        weights = self._span_weights(query.shape[0], key.shape[2], query.device)  # [S, J, T]
         return concept_mask(text_attention_probs(query, key), weights)
+
+    def _span_weights(self, rows: int, num_tokens: int, device: torch.device) -> Tensor:
+        """[S, J, T] span-averaging weights, checked and built once per shape and device (not at every read)."""
+        key = (rows, num_tokens, device)
+        if key not in self._weights:
+            for label, span in zip(self.labels, self.spans):
+                if span.stop > num_tokens:
+                    raise ConceptrolError(f"concept {label!r} sits at tokens {span.start}..{span.stop - 1}, past the "
+                                          f"{num_tokens} text tokens this model receives; is the prompt the one "
+                                          "sampled?")
+            self._weights[key] = span_weights([self.spans] * rows, num_tokens, device)
+        return self._weights[key]
 
 
 class ConceptrolAttn2:

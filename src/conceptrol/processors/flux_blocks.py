@@ -239,7 +239,9 @@ class FluxBlockProcessor(torch.nn.Module):
 
     def _bias(self, call: AdapterCall, layout: SequenceLayout, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         state = self.state
-        return call.bias(layout, state.reference_scale(), state.masking, device, dtype) if state.biased(layout) else None
+        if not state.biased(layout):
+            return None
+        return call.bias(layout, state.reference_scale(), state.masking, device, dtype)
 
     def _read(self, call: AdapterCall, joint: _Attention, layout: SequenceLayout) -> Tensor | None:
         """Read the concept mask where this block reads; returns the gate mask this block applies (gate mode).
