@@ -187,3 +187,17 @@ def flux_adapter_kwargs(kind: str, steps: int) -> dict:
         return kwargs | dict(image=tiny_reference_image(), _auto_resize=False, max_area=32 * 48)
     return kwargs | dict(image=tiny_reference_image(), max_sequence_length=512)  # the Redux prior encodes at 512
 
+
+def send_chat_answer(handler, answer: str, status: int = 200, headers: dict | None = None) -> None:
+    """Reply from a fake judge (a BaseHTTPRequestHandler) as an OpenAI-compatible chat endpoint answers."""
+    import json
+
+    reply = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+    handler.send_response(status)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(reply)))
+    handler.end_headers()
+    handler.wfile.write(reply)
+

@@ -13,6 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import send_chat_answer
 from PIL import Image
 
 from conceptrol import ConceptrolError
@@ -72,14 +73,7 @@ class FakeJudge:
                 if status is None:  # drop the connection without an answer
                     self.close_connection = True
                     return
-                reply = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
+                send_chat_answer(self, answer, status, headers)
 
             def log_message(self, *args):
                 pass

@@ -5,6 +5,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import send_chat_answer
 from PIL import Image
 from test_eval_metrics import models  # noqa: F401  (fixture)
 from test_eval_runner import BASE, cases, pipe  # noqa: F401  (fixtures)
@@ -27,12 +28,7 @@ def fake_judge():
             text = body["messages"][0]["content"][0]["text"]
             score = (3 if len(seen) % 2 else 4) if "reference photo" in text else 2
             answer = "I cannot say." if "unsure" in text else f"Reasoning...\nScore: {score}"
-            reply = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+            send_chat_answer(self, answer)
 
         def log_message(self, *args):
             pass

@@ -4,7 +4,7 @@ what run.json records, the dry run, and a DreamBench++ clone laid out as the rep
 import json
 
 import pytest
-from helpers import run_main
+from helpers import run_main, send_chat_answer
 from test_eval_data import dreambench_plus
 
 from conceptrol import ConceptrolError
@@ -79,12 +79,7 @@ def judge_server():
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            reply = json.dumps({"choices": [{"message": {"content": "Looks fine.\nScore: 3"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+            send_chat_answer(self, "Looks fine.\nScore: 3")
 
         def do_GET(self):  # noqa: N802
             self.send_response(404)
