@@ -19,6 +19,12 @@ def test_concept_mask_matches_a_naive_loop():
     assert mask.max() <= 1.0 and mask.min() >= 0.0
 
 
+def test_a_span_past_the_text_tokens_is_an_error_not_a_shorter_span():
+    assert span_weights([[slice(7, 9)]], 9, torch.device("cpu"))[0, 0, 7:].tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="concept span 7..10 is past the 9 text tokens"):
+        span_weights([[slice(1, 2)], [slice(7, 10)]], 9, torch.device("cpu"))
+
+
 def test_text_attention_probs_match_softmax_with_bias():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 7, 4, generator=g)

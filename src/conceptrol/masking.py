@@ -23,10 +23,16 @@ def text_attention_probs(query: Tensor, key: Tensor, attention_mask: Tensor | No
 
 
 def span_weights(spans: list[list[slice]], num_tokens: int, device: torch.device) -> Tensor:
-    """Averaging weights over each concept span: [S, J, T] with 1/|S_j| inside span j of sample s."""
+    """Averaging weights over each concept span: [S, J, T] with 1/|S_j| inside span j of sample s.
+
+    A span reaching past the T tokens is an error (slicing would silently cut it short).
+    """
     weights = torch.zeros(len(spans), len(spans[0]), num_tokens, device=device)
     for s, sample_spans in enumerate(spans):
         for j, span in enumerate(sample_spans):
+            if span.stop > num_tokens:
+                raise ValueError(f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
+                                 "the model receives")
             weights[s, j, span] = 1.0 / (span.stop - span.start)
     return weights
 
