@@ -76,7 +76,6 @@ class FluxAdapterHandle:
         masking = self.config.masking != "none"
         self.state.call = AdapterCall(spans=resolved.spans if masking else None,
                                       total_steps=int(kwargs.get("num_inference_steps") or 28))
-        self.state.follow_window()
         try:
             return self._run(prompt, chain_step_callback(kwargs, self._on_step_end))
         finally:
@@ -144,11 +143,11 @@ class FluxAdapterHandle:
 
     def _on_step_end(self, step: int) -> None:
         self.state.call.end_step(step)
-        self.state.follow_window()
 
     @torch.compiler.disable  # plain Python between transformer calls: a compiled transformer neither traces nor guards on it
     def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Each transformer call: which pass it is, the latent grid and the sequence layout, the steps run."""
+        """Each transformer call: which pass it is, the latent grid and the sequence layout, the steps run, and from
+        them the window and what the processors read (the one place these are set)."""
         call = self.state.call
         if call is None:
             return

@@ -152,13 +152,13 @@ class ConceptrolHandle:
             if state.config.record_masks and call.global_mask is not None:  # the concept layer's mask of this step
                 call.records.append(call.global_mask.detach())
             call.step = step + 1
-            state.follow_window()
 
         return chain_step_callback(kwargs, finished)
 
     @torch.compiler.disable  # plain Python between U-Net calls: a compiled U-Net neither traces nor guards on it
     def _on_unet_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Read the latent grid and the number of steps the pipeline really runs; build the span weights."""
+        """Read the latent grid and the number of steps the pipeline really runs; build the span weights; set the
+        window for this evaluation."""
         call = self.state.call
         if call is None:
             return
@@ -170,7 +170,7 @@ class ConceptrolHandle:
         steps = getattr(self.pipe, "_num_timesteps", None)
         if isinstance(steps, int) and steps > 0:
             call.total_steps = steps
-            self.state.follow_window()
+        self.state.follow_window()  # the one place the window is set: before every U-Net evaluation
 
 
 def count_reference_images(kwargs: dict, num_adapters: int) -> int:

@@ -100,7 +100,6 @@ class ConceptrolState:
 
     def begin(self, spans: list[list[slice]], labels: list[list[str]], total_steps: int) -> None:
         self.call = CallState(spans=spans, labels=labels, total_steps=total_steps)
-        self.follow_window()
         self.last_masks = None
 
     def end(self) -> None:
