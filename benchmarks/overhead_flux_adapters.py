@@ -42,10 +42,9 @@ from diffusers import FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
 from overhead import PeakMemory, fixed_mmap_threshold
 
 from conceptrol import ConceptrolConfig, apply_conceptrol
-from conceptrol.config import CONCEPT_LAYERS
-from conceptrol.processors.flux_blocks import AdapterCall, FluxBlockProcessor
-from conceptrol.tiny import IMAGE_ENCODER_SIZE, CLIPImageProcessor
-from conceptrol.tiny_flux import flux_components, tiny_redux_prior
+from conceptrol.core.config import CONCEPT_LAYERS
+from conceptrol.flux.block_processor import AdapterCall, FluxBlockProcessor
+from conceptrol.tiny import IMAGE_ENCODER_SIZE, CLIPImageProcessor, flux_components, tiny_redux_prior
 
 ADAPTERS = ("xlabs", "kontext", "redux")
 T5_TOKENS, REDUX_TOKENS, CLIP_IMAGE_DIM = 512, 729, 768  # FLUX.1's T5 length; SigLIP 384/14 = 27^2; ViT-L/14

@@ -161,7 +161,7 @@ def tiny_flux_adapter(kind: str, double: int = 2, single: int = 2) -> tuple:
     """(pipe, apply_conceptrol's extra keywords) for "xlabs-ip", "kontext" or "redux": a shallow tiny FLUX.1."""
     import tempfile
 
-    from conceptrol.tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
+    from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
 
     extra = {}
     if kind == "xlabs-ip":
@@ -177,7 +177,7 @@ def tiny_flux_adapter(kind: str, double: int = 2, single: int = 2) -> tuple:
 
 def flux_adapter_kwargs(kind: str, steps: int) -> dict:
     """A call's keywords for `tiny_flux_adapter(kind)` at 32x48, with the adapter's reference image."""
-    from conceptrol.tiny_flux import tiny_reference_image
+    from conceptrol.tiny import tiny_reference_image
 
     kwargs = dict(num_inference_steps=steps, height=32, width=48, output_type="latent",
                   generator=torch.Generator().manual_seed(0), max_sequence_length=32)

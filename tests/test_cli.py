@@ -13,8 +13,8 @@ from PIL import Image
 
 from conceptrol import ConceptrolError
 from conceptrol.cli import main
-from conceptrol.generate import GenerateSettings, generate, safe_name
-from conceptrol.images import load_reference_image
+from conceptrol.app.generate import GenerateSettings, generate, safe_name
+from conceptrol.core.images import load_reference_image
 
 
 def run_cli(*args, cwd=None):
@@ -133,7 +133,7 @@ def test_help_and_argument_mistakes_import_nothing_heavy():
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_non_zero(ref, tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.setattr("conceptrol.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("conceptrol.app.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     code, err = cli(capsys, "generate", "--prompt", "a dog", "--image", str(ref), "--out", str(tmp_path / "o"), *args)
     assert code == 2 and len(err) == 1 and message in err[0], err
 
@@ -164,7 +164,7 @@ TINY_FLAGS = ["--steps", "2", "--size", "64x48"]
     (["--concept", "dog", "--adapter", "base"], "ip-adapter_sd15.safetensors does not exist"),
 ])
 def test_mistakes_the_model_reveals_are_found_before_it_loads(ref, tmp_path, capsys, monkeypatch, tiny_folder, args, message):
-    monkeypatch.setattr("conceptrol.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("conceptrol.app.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     model, adapters = tiny_folder
     flags = ["--model", str(model)] + ([] if "--adapter-repo" in args else ["--adapter-repo", str(adapters)])
     code, err = cli(capsys, "generate", "--prompt", "a dog on the moon", "--image", str(ref), *flags, *TINY_FLAGS,
@@ -227,7 +227,7 @@ def test_extreme_aspect_ratios_are_refused_before_decoding(tmp_path):
 
 
 def test_output_path_that_is_a_file_is_refused_before_anything_else(tmp_path, monkeypatch):
-    monkeypatch.setattr("conceptrol.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("conceptrol.app.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConceptrolError, match="cannot write to output folder"):
@@ -275,7 +275,7 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
 def test_auto_dtype_is_bf16_for_flux_by_preset_hub_id_or_local_folder(tmp_path):
     import torch
 
-    from conceptrol.loading import pick_dtype
+    from conceptrol.app.loading import pick_dtype
 
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     gpu = torch.device("cuda")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import comfyui_env as env
-from conceptrol.errors import ConceptNotFoundError, ConceptrolError
+from conceptrol.core.errors import ConceptNotFoundError, ConceptrolError
 
 if env.comfy_root() is None:
     pytest.skip(env.SKIP_REASON, allow_module_level=True)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from conceptrol import ConceptrolWarning
-from conceptrol.concepts import resolve_concepts, truncated_text
+from conceptrol.core.concepts import resolve_concepts, truncated_text
 from conceptrol.tiny import t5_tokenizer
 
 # Words that CLIP's real BPE keeps whole: one token each, so word k of a prompt is token k + 1 (after BOS).

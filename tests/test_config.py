@@ -5,7 +5,7 @@ import math
 import pytest
 
 from conceptrol import ConceptrolConfig, ConceptrolError
-from conceptrol.config import adapter_active
+from conceptrol.core.config import adapter_active
 
 
 @pytest.mark.parametrize(

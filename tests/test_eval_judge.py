@@ -12,7 +12,8 @@ from test_eval_runner import BASE, cases, pipe  # noqa: F401  (fixtures)
 
 from conceptrol import ConceptrolError
 from conceptrol.eval.judge import CP_PROMPT, PF_PROMPT, JudgeAnswerError, JudgeConfig, judge_case, judge_cost
-from conceptrol.eval.report import format_table, summarize, write_html, write_plots
+from conceptrol.eval.report import format_table, write_html, write_plots
+from conceptrol.eval.rundata import summarize
 from conceptrol.eval.runner import generate_pass, jobs, judge_pass, read_all, score_pass
 
 

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from conceptrol import ConceptrolError
-from conceptrol.eval.paper import (PAPER_TABLE, RESAMPLES, paper_gain, paper_report, paper_rows, resample_indices)
-from conceptrol.eval.report import load_run, report
+from conceptrol.eval.paper import PAPER_TABLE, RESAMPLES, paper_gain, paper_rows, resample_indices
+from conceptrol.eval.report import paper_report, report
+from conceptrol.eval.rundata import load_run
 
 
 def image(method, scale, seed, case, cp, pf, status="ok"):

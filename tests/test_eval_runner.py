@@ -14,7 +14,7 @@ from test_eval_metrics import models  # noqa: F401  (fixture)
 from conceptrol import ConceptrolError
 from conceptrol.eval.benchmark import Case
 from conceptrol.eval.runner import generate_pass, jobs, read_all, score_pass
-from conceptrol.generate import GenerateSettings, run_conceptrol
+from conceptrol.app.generate import GenerateSettings, run_conceptrol
 from conceptrol.tiny import load_tiny_ip_adapter, tiny_sd15_pipeline
 
 BASE = GenerateSettings(prompt="(each case)", concept=("x",), image=(__file__,), steps=2, size=(32, 32), start=0.0)
@@ -170,11 +170,11 @@ def test_unknown_method_is_a_clear_error(tmp_path):
 KILLED_RUN = """
 import os, sys, time
 from pathlib import Path
-import conceptrol.generate
+import conceptrol.app.generate
 from conceptrol.eval import records
 from conceptrol.eval.benchmark import Case
 from conceptrol.eval.runner import generate_pass, jobs
-from conceptrol.generate import GenerateSettings
+from conceptrol.app.generate import GenerateSettings
 from conceptrol.tiny import load_tiny_ip_adapter, tiny_sd15_pipeline
 
 def pause_on_third(real, counted=lambda *a: True):  # the third counted call prints "pause" and waits to be killed
@@ -189,7 +189,7 @@ def pause_on_third(real, counted=lambda *a: True):  # the third counted call pri
 
 where = sys.argv[2] if len(sys.argv) > 2 else ""
 if where == "denoising":  # inside the third job's generation
-    conceptrol.generate.run_conceptrol = pause_on_third(conceptrol.generate.run_conceptrol)
+    conceptrol.app.generate.run_conceptrol = pause_on_third(conceptrol.app.generate.run_conceptrol)
 if where == "rename":  # the third image written to its temporary file, not yet renamed
     os.replace = pause_on_third(os.replace, lambda source, target: str(target).endswith(".png"))
 if where == "record":  # the third image in place, its record not yet appended

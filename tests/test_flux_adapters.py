@@ -11,7 +11,7 @@ from diffusers import FluxPriorReduxPipeline
 from flux_reference import run_reference_ip, run_reference_kontext, run_reference_redux
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
-from conceptrol.tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
+from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
 
 PROMPT = "a dog on a beach"
 ROUND_OFF = 1e-5  # explicit softmax (the reference) against SDPA, over 57 blocks
@@ -263,7 +263,7 @@ def test_applying_twice_is_refused_until_removed(kontext_pipe):
 
 
 def test_two_xlabs_adapters_take_one_reference_and_concept_each_as_the_reference_does(tmp_path, dog):
-    from conceptrol.tiny_flux import XLABS_WEIGHTS, save_tiny_xlabs_ip_adapter
+    from conceptrol.tiny import XLABS_WEIGHTS, save_tiny_xlabs_ip_adapter
 
     pipe = tiny_flux(seed=4)
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from conceptrol.processors.flux import DEFAULT_MASK_BLOCKS, FluxCall, FluxConceptrolAttention, JointLayout
+from conceptrol.flux.ominicontrol.attention import DEFAULT_MASK_BLOCKS, FluxCall, FluxConceptrolAttention
+from conceptrol.flux.sequence import JointLayout
 
 LAYOUT = JointLayout(num_text=7, num_latent=6, num_condition=6)
 BLOCKS = [f"transformer_blocks.{i}" for i in range(19)] + [f"single_transformer_blocks.{i}" for i in range(38)]
@@ -91,7 +92,7 @@ def test_a_new_call_starts_without_a_mask():
 
 
 def test_condition_scale_is_half_outside_the_window():
-    from conceptrol.processors.flux import condition_scale_at
+    from conceptrol.flux.sequence import condition_scale_at
 
     assert [condition_scale_at(k, 10, 0.2, 1.0, 1.5) for k in range(4)] == [0.5, 0.5, 1.5, 1.5]
     assert condition_scale_at(9, 10, 0.0, 0.8, 2.0) == 0.5

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from conceptrol.tiny_flux import save_tiny_flux_folders
+    from conceptrol.tiny import save_tiny_flux_folders
 
     return save_tiny_flux_folders(tmp_path_factory.mktemp("flux-weights"))
 
@@ -66,7 +66,7 @@ def test_generate_loads_each_adapter_as_users_do_and_writes_conceptrol_images(fo
 ])
 def test_mistakes_are_found_before_the_flux_model_loads(folders, ref, tmp_path, capsys, monkeypatch, adapter, extra,
                                                           message):
-    monkeypatch.setattr("conceptrol.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("conceptrol.app.loading.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     flags = model_flags(folders, adapter)
     if "--adapter" in extra:
         flags = flags[:2]

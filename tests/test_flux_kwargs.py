@@ -6,7 +6,7 @@ import torch
 from helpers import reference_image
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
-from conceptrol.backends.ominicontrol import OminiControlTransformer
+from conceptrol.flux.ominicontrol.transformer import OminiControlTransformer
 from conceptrol.tiny import tiny_flux_pipeline
 
 PROMPT = "a photo of a dog surfing a wave"

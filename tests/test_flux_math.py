@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from conceptrol.masking import flux_concept_mask, flux_condition_bias
+from conceptrol.core.masking import flux_concept_mask, flux_condition_bias
 
 T, N, NC = 6, 4, 3  # text, latent, condition tokens
 TEXT, LATENT, COND = slice(0, T), slice(T, T + N), slice(T + N, T + N + NC)

@@ -6,7 +6,7 @@ from helpers import SD15_LAYER, reference_image
 from test_numerics import PROMPT, kwargs, make_pipe
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol, find_concept_span
-from conceptrol.processors.unet import ConceptrolIPAdapterProcessor
+from conceptrol.unet.processor import ConceptrolIPAdapterProcessor
 from conceptrol.tiny import tiny_sd15_pipeline
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conceptrol.masking import concept_mask, layer_grid, resize_mask, span_weights, text_attention_probs
+from conceptrol.core.masking import concept_mask, layer_grid, resize_mask, span_weights, text_attention_probs
 
 
 def test_concept_mask_matches_a_naive_loop():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from conceptrol import ConceptNotFoundError, ConceptrolError
-from conceptrol.preflight import check_settings, info_from_pipeline, info_from_source
-from conceptrol.settings import GenerateSettings
+from conceptrol.app.preflight import check_settings, info_from_pipeline, info_from_source
+from conceptrol.app.settings import GenerateSettings
 from conceptrol.tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline
 
 

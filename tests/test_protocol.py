@@ -10,7 +10,7 @@ from test_eval_data import dreambench_plus
 from conceptrol import ConceptrolError
 from conceptrol.eval.evaluate import EvaluateSettings
 from conceptrol.eval.protocol import apply_protocol
-from conceptrol.settings import NEGATIVE_PROMPT
+from conceptrol.app.settings import NEGATIVE_PROMPT
 
 FAST = ["--steps", "2", "--size", "32x32", "--no-score"]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from conceptrol import Concept, ConceptNotFoundError, ConceptrolError, find_concept_span
-from conceptrol.concepts import resolve_concepts
+from conceptrol.core.concepts import resolve_concepts
 from conceptrol.tiny import t5_tokenizer
 
 

@@ -8,7 +8,7 @@ from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline, Flux
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from safetensors.torch import load_file
 
-from conceptrol.tiny_flux import (
+from conceptrol.tiny import (
     REAL_TEXT_DIMS,
     TEXT_DIMS,
     XLABS_WEIGHTS,

@@ -22,8 +22,8 @@ from conceptrol.demo import (CompareRequest, LocalBackend, UIOptions, build_demo
 from conceptrol.demo.backend import DEMO_CHOICES, Comparison, model_choice
 from conceptrol.demo.concept_words import (concept_from_text, concept_from_words, keep_selection, preselect,
                                            prompt_words, word_choices)
-from conceptrol.generate import GenerateSettings, run_conceptrol
-from conceptrol.offline_demo import reference_picture, tiny_pipeline
+from conceptrol.app.generate import GenerateSettings, run_conceptrol
+from conceptrol.app.offline_demo import reference_picture, tiny_pipeline
 
 
 def positions(*indices):
@@ -456,7 +456,7 @@ def test_a_taken_port_or_foreign_host_is_found_before_serving():
 MISTAKES_SCRIPT = """
 import json, os, sys, tempfile, time
 import gradio
-import conceptrol.demo, conceptrol.loading  # imported once here, so each call below times only its own work
+import conceptrol.demo, conceptrol.app.loading  # imported once here, so each call below times only its own work
 from conceptrol.cli import main
 
 launches = []

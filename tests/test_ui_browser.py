@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conceptrol.offline_demo import reference_picture
+from conceptrol.app.offline_demo import reference_picture
 
 # Chromium as this machine allows it: no sandbox as root, and no background connections to a closed network.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

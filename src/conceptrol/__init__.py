@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
-from .quiet import silence_torchvision_fallback
+from .core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
+from .core.quiet import silence_torchvision_fallback
 
 silence_torchvision_fallback()
 
@@ -29,20 +29,21 @@ __all__ = [
 __version__ = "0.2.0"
 
 _LAZY = {  # public name -> the module that defines it
-    "CONCEPT_LAYERS": ".config",
-    "ConceptrolConfig": ".config",
-    "Concept": ".concepts",
-    "find_concept_span": ".concepts",
-    "ConceptrolHandle": ".install",
-    "apply_conceptrol": ".install",
-    "ConceptMasks": ".state",
+    "CONCEPT_LAYERS": ".core.config",
+    "ConceptrolConfig": ".core.config",
+    "Concept": ".core.concepts",
+    "find_concept_span": ".core.concepts",
+    "ConceptMasks": ".core.masks",
+    "ConceptrolHandle": ".unet.handle",
+    "apply_conceptrol": ".apply",
 }
 
 if TYPE_CHECKING:
-    from .concepts import Concept, find_concept_span
-    from .config import CONCEPT_LAYERS, ConceptrolConfig
-    from .install import ConceptrolHandle, apply_conceptrol
-    from .state import ConceptMasks
+    from .apply import apply_conceptrol
+    from .core.concepts import Concept, find_concept_span
+    from .core.config import CONCEPT_LAYERS, ConceptrolConfig
+    from .core.masks import ConceptMasks
+    from .unet.handle import ConceptrolHandle
 
 
 def __getattr__(name: str) -> Any:

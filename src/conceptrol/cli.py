@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import ConceptrolError, ConceptrolWarning
-from .settings import NEGATIVE_PROMPT
+from .app.settings import NEGATIVE_PROMPT
+from .core.errors import ConceptrolError, ConceptrolWarning
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -142,10 +142,10 @@ def _fields(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .settings import GenerateSettings
+    from .app.settings import GenerateSettings
 
     settings = GenerateSettings(**_fields(args) | {"image": tuple(args.image), "concept": tuple(args.concept)})
-    from .generate import check_generation, generate
+    from .app.generate import check_generation, generate
 
     checked = check_generation(settings)
     _no_bars_in_logs()
@@ -171,7 +171,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.baseline_scale is not None and not args.paper:
         raise ConceptrolError("--baseline-scale goes with --paper")
     if args.paper:
-        from .eval.paper import paper_report
+        from .eval.report import paper_report
 
         lines = paper_report(args.run, args.baseline_scale)
     else:
@@ -183,11 +183,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .settings import check_seed, check_steps
+    from .app.settings import check_seed, check_steps
 
     check_steps(args.steps)
     check_seed(args.seed)
-    from .offline_demo import run_offline_demo
+    from .app.offline_demo import run_offline_demo
 
     for path in run_offline_demo(args.out, steps=args.steps, seed=args.seed, model=args.model):
         print(path)
@@ -197,7 +197,8 @@ def cmd_ui(args: argparse.Namespace) -> None:
     if args.demo and args.model:
         raise ConceptrolError("--demo uses its own tiny models; leave out --model")
     try:
-        from .demo import UIOptions, main as launch_ui
+        from .demo import UIOptions
+        from .demo import main as launch_ui
     except ImportError as error:
         raise ConceptrolError(str(error)) from None
     launch_ui(UIOptions(**_fields(args) | {"model": tuple(args.model or UIOptions.model)}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConceptrolError
+from ..core.errors import ConceptrolError
 
 FOLDER = "ComfyUI-Conceptrol"  # not "conceptrol": ComfyUI puts custom_nodes on sys.path, which would shadow the package
 MARKER = "# written by `conceptrol comfyui install`"

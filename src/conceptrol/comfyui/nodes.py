@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..errors import ConceptrolError
+from ..core.errors import ConceptrolError
 from .patch import apply_conceptrol_patch, concept_layer_of, recorded_run
 from .tokens import find_token_spans, split_concepts
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConceptrolError
-from ..masking import concept_mask, layer_grid, resize_mask, span_weights, text_attention_probs
+from ..core.errors import ConceptrolError
+from ..core.masking import concept_mask, layer_grid, resize_mask, span_weights, text_attention_probs
 
 # ComfyUI's (block, number, index inside the block's SpatialTransformer) of the concept-specific layer
 SD15_CONCEPT_LAYER = ("output", 3, 0)  # diffusers up_blocks.1.attentions.0.transformer_blocks.0.attn2

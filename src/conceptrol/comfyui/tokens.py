@@ -10,7 +10,7 @@ import difflib
 import re
 from typing import Any
 
-from ..errors import ConceptNotFoundError, ConceptrolError
+from ..core.errors import ConceptNotFoundError, ConceptrolError
 
 
 def split_concepts(text: str) -> list[str]:

@@ -12,10 +12,10 @@ import re
 import socket
 from dataclasses import dataclass
 
-from ..errors import ConceptrolError
-from ..settings import check_device_name, check_dtype
+from ..app.settings import check_device_name, check_dtype
+from ..core.errors import ConceptrolError
 from .app import CSS, MAX_REFERENCES, build_demo, request_from_api, request_from_inputs
-from .backend import DEMO_CHOICES, Comparison, CompareRequest, LocalBackend, ModelChoice, compare, model_choice
+from .backend import DEMO_CHOICES, CompareRequest, Comparison, LocalBackend, ModelChoice, compare, model_choice
 
 __all__ = ["CompareRequest", "Comparison", "LocalBackend", "MAX_REFERENCES", "ModelChoice", "UIOptions", "build_demo",
            "check_can_serve", "compare", "main", "model_choice", "parse_file_size", "request_from_api",
@@ -101,7 +101,7 @@ def _port_in_use(port: int | None) -> str:
 
 def _check_device(device: str) -> None:
     """The device exists here (the syntax was checked by UIOptions); says so in terms of --device."""
-    from ..loading import pick_device
+    from ..app.loading import pick_device
 
     try:
         pick_device(device)

@@ -11,9 +11,9 @@ try:
 except ImportError as error:  # an extra: the library core does not need it
     raise ImportError("the web UI needs gradio: pip install 'conceptrol[ui]'") from error
 
-from ..concepts import Concept
-from ..errors import ConceptrolError
-from .backend import Comparison, CompareRequest, ModelChoice, Progress
+from ..core.concepts import Concept
+from ..core.errors import ConceptrolError
+from .backend import CompareRequest, Comparison, ModelChoice, Progress
 from .concept_words import concept_from_text, concept_from_words, keep_selection, preselect, word_choices
 
 logger = logging.getLogger(__name__)

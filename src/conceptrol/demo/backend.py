@@ -12,12 +12,12 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from ..concepts import Concept
-from ..errors import ConceptrolError
-from ..generate import PAPER_DEMO, GenerateSettings, run_conceptrol
-from ..images import load_reference_image
-from ..loading import guess_family
-from ..settings import ModelSource
+from ..app.generate import PAPER_DEMO, GenerateSettings, run_conceptrol
+from ..app.loading import guess_family
+from ..app.settings import ModelSource
+from ..core.concepts import Concept
+from ..core.errors import ConceptrolError
+from ..core.images import load_reference_image
 
 Progress = Callable[[float, str], None]  # (fraction done, what is running)
 # `conceptrol ui` options that point at local copies, named in "could not load" messages.
@@ -171,10 +171,10 @@ class LocalBackend:
 
     def _load_pipeline(self, choice: ModelChoice) -> Any:
         if choice.tiny:
-            from ..offline_demo import tiny_pipeline
+            from ..app.offline_demo import tiny_pipeline
 
             return tiny_pipeline(choice.key.removeprefix("tiny-"))
-        from ..generate import pipeline_for
+        from ..app.generate import pipeline_for
 
         source = ModelSource(model=choice.key, device=self.device, dtype=self.dtype,
                              adapter_repo=self.adapter_repos.get(choice.architecture.split("-")[0]))

@@ -6,8 +6,8 @@ import difflib
 import re
 from pathlib import Path
 
-from ..concepts import Concept
-from ..errors import ConceptrolError
+from ..core.concepts import Concept
+from ..core.errors import ConceptrolError
 
 WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")  # letters/digits, inner apostrophes and dashes kept ("teddy-bear")
 # Words of a file name that say nothing about the subject ("photo_of_my_dog_2.jpg" names a dog).

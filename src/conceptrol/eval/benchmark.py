@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ConceptrolError
-from ..outputs import safe_name
+from ..app.outputs import safe_name
+from ..core.errors import ConceptrolError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..errors import ConceptrolError
+from ..core.errors import ConceptrolError
 
 PROMPTS = Path("dreambench_plus") / "prompts"  # inside the clone
 KINDS = ("subject", "style", "text")  # CP of animal/human/object cases, CP of style cases, PF

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
-from ..settings import GenerateSettings, check_number, check_seed
+from ..app.settings import GenerateSettings, check_number, check_seed
+from ..core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 from .benchmark import Case, describe, load_benchmark
 from .protocol import PROTOCOLS, apply_protocol, dreambench_plus_data
 from .runs import check_run_file, run_identity
@@ -161,7 +161,7 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
     `echo` prints the run's notes; `before_loading` runs once every check has passed, before any weights load.
     With `dry_run`, only the checks and the list of what would run.
     """
-    from ..generate import pipeline_for
+    from ..app.generate import pipeline_for
     from .records import shard
     from .runner import generate_pass, process_rank
 
@@ -188,7 +188,7 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
 
 def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
     """Every check, in order of cost; the run folder and run.json are created here (not in a dry run)."""
-    from ..generate import prepare_output_dir
+    from ..app.generate import prepare_output_dir
     from .runner import BASELINES, jobs_for, process_device, process_rank
 
     data = dreambench_plus_data(settings.benchmark) if settings.protocol else settings.benchmark
@@ -230,7 +230,7 @@ def _check_judge(plan: Plan, echo: Callable[[str], None]) -> None:
 
     check_judge(judge)
     check_judge_file(plan.base.out, judge, write=not settings.dry_run)
-    from .runner import read_all, latest
+    from .runner import latest, read_all
 
     judged = {key for key, r in latest(read_all(plan.base.out, "judgements")).items() if r.get("status", "ok") == "ok"}
     pending = [job for job in plan.jobs if job.key not in judged] if plan.base.out.exists() else plan.jobs
@@ -264,13 +264,13 @@ def _describe_plan(plan: Plan, echo: Callable[[str], None]) -> None:
 
 def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any]:
     """(a pipeline if it is cheap to build now, else None; the model's ModelInfo), read without loading weights."""
-    from ..loading import pick_device
-    from ..preflight import check_adapter_source, info_from_pipeline, info_from_source
+    from ..app.loading import pick_device
+    from ..app.preflight import check_adapter_source, info_from_pipeline, info_from_source
     from .runner import BASELINES
 
     pick_device(base.device)
     if settings.model.startswith("tiny"):
-        from ..offline_demo import TINY_MODELS, tiny_pipeline
+        from ..app.offline_demo import TINY_MODELS, tiny_pipeline
 
         kind = settings.model.removeprefix("tiny-") if settings.model != "tiny" else "sd15"
         if kind not in TINY_MODELS:
@@ -292,7 +292,7 @@ def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any
 def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, cases: list[Case],
                  echo: Callable[[str], None]) -> None:
     """Model options once; each case's concept located with the tokenizer (cases without it are counted, then fail)."""
-    from ..preflight import check_concepts, check_model_options
+    from ..app.preflight import check_concepts, check_model_options
 
     check_model_options(base, info, check_adapter=not settings.model.startswith("tiny"))
     missing = []
@@ -308,8 +308,8 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
 
 def _load_metrics(settings: EvaluateSettings, device: str) -> Any:
     """CLIP and DINO, loaded before any image is generated; one line saying what to pass when they cannot be."""
-    from ..loading import pick_device, resolve_repo
-    from ..preflight import ensure_available
+    from ..app.loading import pick_device, resolve_repo
+    from ..app.preflight import ensure_available
     from .metrics import MetricModels
 
     clip, dino = settings.clip_model or CLIP_ID, settings.dino_model or DINO_ID

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from ..errors import ConceptrolError
+from ..core.errors import ConceptrolError
 from . import dreambench_judge as dreambench
 
 CP_PROMPT = (

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConceptrolError
-from .report import RunData, _img, load_run, summarize, write_html, write_plots
+from ..core.errors import ConceptrolError
+from .rundata import RunData, embed_image
 
 # Table 1 of arXiv 2503.06568 (DreamBench++, GPT-4o judge, scores 0-1): profile -> row -> (CP, PF, CP·PF)
 PAPER_TABLE: dict[str, dict[str, tuple[float, float, float]]] = {
@@ -273,7 +273,7 @@ def paper_html(data: RunData, rows: list[dict] | None = None) -> str:
                    for r in rows)
     described = "".join(f"<li>{html.escape(line)}</li>" for line in paper_notes(data, rows))
     plot = data.out / "paper.png"
-    image = _img(data, plot, 1200) if _newer_than_records(plot, data.out) else (
+    image = embed_image(data, plot, 1200) if _newer_than_records(plot, data.out) else (
         "<p><i>run <code>conceptrol report --paper</code> to draw paper.png</i></p>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     return f"<h2>{html.escape(paper_title(data))}</h2><table><tr>{head}</tr>{body}</table><ul>{described}</ul>{image}"
@@ -282,18 +282,3 @@ def paper_html(data: RunData, rows: list[dict] | None = None) -> str:
 def _newer_than_records(path: Path, out: Path) -> bool:
     records = [os.stat(p).st_mtime_ns for p in out.glob("*.rank*.jsonl")]
     return path.exists() and os.stat(path).st_mtime_ns >= max(records, default=0)
-
-
-def paper_report(run: Path, baseline_scale: float | None = None) -> list[str]:
-    """The lines `conceptrol report --paper` prints; writes paper.png, the other plots and report.html (with both)."""
-    data = load_run(run)
-    rows = paper_rows(data, baseline_scale)
-    lines = [paper_title(data), format_paper_table(rows), *paper_notes(data, rows)]
-    summary = summarize(data)
-    try:
-        plots = [write_paper_plot(data, rows), *write_plots(data, summary)]
-    except ImportError:
-        plots = []
-        lines.append("plots skipped: they need matplotlib (pip install 'conceptrol[eval]')")
-    page = write_html(data, summary, [p for p in plots if p.name != "paper.png"], paper=rows)
-    return [*lines, f"wrote {', '.join(str(p) for p in [*plots, page])}"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConceptrolError
-from ..settings import NEGATIVE_PROMPT
+from ..app.settings import NEGATIVE_PROMPT
+from ..core.errors import ConceptrolError
 
 PROTOCOLS = ("dreambench-plus",)
 

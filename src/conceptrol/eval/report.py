@@ -1,4 +1,4 @@
-"""`conceptrol report`: a table per method and setting, and a self-contained HTML page with the images.
+"""`conceptrol report` (and `--paper`): a table per method and setting, plots, and a self-contained HTML page.
 
 A run may have been moved, interrupted, or damaged: missing or unreadable images and malformed record
 lines are counted and skipped, never a traceback, and nothing is created unless the run folder exists.
@@ -6,86 +6,13 @@ lines are counted and skipped, never a traceback, and nothing is created unless 
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import statistics
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from ..errors import ConceptrolError
-from .records import RecordStore
-from .runs import read_run_file
-
-METRICS = ("clip_t", "clip_i", "dino")
-JUDGE = ("cp", "pf", "cp_pf")
-COUNTS = ("images", "failed", "scored")
-
-
-@dataclass
-class RunData:
-    """What a run folder holds: its settings and the current record of every job."""
-
-    out: Path
-    settings: dict | None  # run.json, or None for runs made before it existed
-    generations: dict[str, dict]  # key -> the job's current generation record
-    scores: dict[str, dict]  # key -> a valid score of the current picture
-    judgements: dict[str, dict]  # key -> a valid verdict on the current picture
-    malformed: int = 0  # record lines that could not be read
-    unreadable: set[str] = field(default_factory=set)  # image files missing or damaged
-
-
-def load_run(out: Path) -> RunData:
-    """Read a run folder without writing anything; a folder that is not a run is an error that says so."""
-    from .runner import latest
-
-    out = Path(out).expanduser()
-    if not out.is_dir():
-        raise ConceptrolError(f"{out} is not a run folder (it {'is a file' if out.exists() else 'does not exist'}); "
-                              "pass the --out of a `conceptrol evaluate` run")
-    malformed, read = 0, {}
-    for name in ("generations", "scores", "judgements"):
-        records = []
-        for path in sorted(out.glob(f"{name}.rank*.jsonl")):
-            good, bad = RecordStore(path).read_counting()
-            records += good
-            malformed += bad
-        read[name] = latest(records)
-    if not read["generations"]:
-        raise ConceptrolError(f"{out} holds no generation records; run `conceptrol evaluate --out {out}` first")
-    current = read["generations"]
-
-    def valid(entries: dict[str, dict]) -> dict[str, dict]:
-        return {key: entry for key, entry in entries.items() if entry.get("status", "ok") == "ok" and key in current
-                and current[key].get("status") == "ok" and entry.get("generation_id") == current[key].get("generation_id")}
-
-    return RunData(out, read_run_file(out) if (out / "run.json").exists() else None, current,
-                   valid(read["scores"]), valid(read["judgements"]), malformed)
-
-
-def summarize(run: Path | RunData) -> list[dict]:
-    """Per (method, scale): images made, jobs failed, images scored, and the mean of every metric."""
-    data = run if isinstance(run, RunData) else load_run(run)
-    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
-    for record in data.generations.values():
-        groups[(record["method"], record["scale"])].append(record)
-    rows = []
-    for (method, scale), records in sorted(groups.items()):
-        ok = [r["key"] for r in records if r.get("status") == "ok"]
-        scores = [data.scores[k] for k in ok if k in data.scores]
-        judged = [data.judgements[k] for k in ok if k in data.judgements]
-        row = {"method": method, "scale": scale, "images": len(ok), "failed": len(records) - len(ok),
-               "scored": len(scores)}
-        row |= {m: statistics.fmean(s[m] for s in scores) for m in METRICS if scores}
-        if judged:  # CP·PF is the product of the two means, as DreamBench++ reports it
-            row |= {"judged": len(judged), "cp": statistics.fmean(j["cp"] for j in judged),
-                    "pf": statistics.fmean(j["pf"] for j in judged)}
-            row["cp_pf"] = row["cp"] * row["pf"]
-        rows.append(row)
-    return rows
+from .paper import format_paper_table, paper_html, paper_notes, paper_rows, paper_title, write_paper_plot
+from .rundata import COUNTS, JUDGE, METRICS, RunData, embed_image, load_run, open_image, outputs_by_case, summarize
 
 
 def notes(data: RunData, rows: list[dict]) -> list[str]:
@@ -121,6 +48,21 @@ def report(run: Path) -> list[str]:
     page = write_html(data, rows, plots)
     lines += notes(data, rows)
     return [*lines, f"wrote {', '.join(str(p) for p in [page, *plots])}"]
+
+
+def paper_report(run: Path, baseline_scale: float | None = None) -> list[str]:
+    """The lines `conceptrol report --paper` prints; writes paper.png, the other plots and report.html (with both)."""
+    data = load_run(run)
+    rows = paper_rows(data, baseline_scale)
+    lines = [paper_title(data), format_paper_table(rows), *paper_notes(data, rows)]
+    summary = summarize(data)
+    try:
+        plots = [write_paper_plot(data, rows), *write_plots(data, summary)]
+    except ImportError:
+        plots = []
+        lines.append("plots skipped: they need matplotlib (pip install 'conceptrol[eval]')")
+    page = write_html(data, summary, [p for p in plots if p.name != "paper.png"], paper=rows)
+    return [*lines, f"wrote {', '.join(str(p) for p in [*plots, page])}"]
 
 
 def settings_lines(settings: dict | None) -> list[str]:
@@ -199,17 +141,15 @@ def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), ma
                paper: list[dict] | None = None) -> Path:
     """report.html: settings, the table, notes, the plots, the comparison with the paper's Table 1 when the run
     has one (`paper`: paper.paper_rows, computed here when None) and a grid of reference -> outputs, all embedded."""
-    from .paper import paper_html
-
     data = run if isinstance(run, RunData) else load_run(run)
-    settings, by_case = _outputs_by_case(data)
+    settings, by_case = outputs_by_case(data)
     names = ("method", "scale", *columns(rows))
     table = "".join("<tr>" + "".join(f"<td>{_cell(row.get(k, ''), k)}</td>" for k in names) + "</tr>" for row in rows)
     grid = []
     for _, cells in by_case[:max_cases]:
         first = next(iter(cells.values()))
-        images = [_img(data, Path(first["reference"]))] + [
-            _img(data, data.out / cells[c]["image"]) if c in cells else "" for c in settings]
+        images = [embed_image(data, Path(first["reference"]))] + [
+            embed_image(data, data.out / cells[c]["image"]) if c in cells else "" for c in settings]
         grid.append(f"<tr><td>{html.escape(first['prompt'])}<br><i>{html.escape(first['concept'])}</i></td>"
                     + "".join(f"<td>{i}</td>" for i in images) + "</tr>")
     head = "".join(f"<th>{html.escape(m)} {s:g}</th>" for m, s in settings)
@@ -219,7 +159,7 @@ def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), ma
         "<style>body{font-family:sans-serif}td,th{padding:4px;border:1px solid #ccc}td img{width:160px}</style>"
         f"<h1>{html.escape(data.out.name)}</h1><ul>{described}</ul><table><tr>"
         + "".join(f"<th>{n}</th>" for n in names) + f"</tr>{table}</table>"
-        + "".join(_img(data, plot, 900) for plot in plots if plot.name not in ("grid.png", "paper.png"))
+        + "".join(embed_image(data, plot, 900) for plot in plots if plot.name not in ("grid.png", "paper.png"))
         + paper_html(data, paper)
         + f"<h2>Reference &rarr; outputs</h2><table><tr><th>prompt</th><th>reference</th>{head}</tr>{''.join(grid)}</table>"
     )
@@ -239,7 +179,7 @@ def write_grid(run: Path | RunData, max_cases: int = 8, cell: int = 128) -> Path
     from PIL import ImageDraw
 
     data = run if isinstance(run, RunData) else load_run(run)
-    settings, by_case = _outputs_by_case(data)
+    settings, by_case = outputs_by_case(data)
     cases = by_case[:max_cases]
     if not cases:
         return None
@@ -252,38 +192,9 @@ def write_grid(run: Path | RunData, max_cases: int = 8, cell: int = 128) -> Path
         first = next(iter(cells.values()))
         paths = [Path(first["reference"])] + [data.out / cells[c]["image"] if c in cells else None for c in settings]
         for column, path in enumerate(paths):
-            image = _open(data, path) if path is not None else None
+            image = open_image(data, path) if path is not None else None
             if image is not None:
                 grid.paste(image.resize((cell, cell)), (column * cell, header + row * cell))
     path = data.out / "grid.png"
     grid.save(path)
     return path
-
-
-def _outputs_by_case(data: RunData) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
-    """The (method, scale) settings generated, and each case's record per setting, sorted by case id."""
-    generations = [r for r in data.generations.values() if r.get("status") == "ok"]
-    by_case: dict[str, dict] = defaultdict(dict)
-    for record in generations:
-        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
-    return sorted({(r["method"], r["scale"]) for r in generations}), sorted(by_case.items())
-
-
-def _open(data: RunData, path: Path) -> Image.Image | None:
-    """The image at `path` as RGB, or None (counted in data.unreadable) when it is missing or damaged."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        data.unreadable.add(str(path))
-        return None
-
-
-def _img(data: RunData, path: Path, size: int = 256) -> str:
-    image = _open(data, path)
-    if image is None:
-        return "<i>missing</i>"
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'

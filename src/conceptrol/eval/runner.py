@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
-from ..errors import ConceptrolError
-from ..images import load_reference_image
-from ..outputs import safe_name, save_atomic
-from ..settings import GenerateSettings
+from ..app.outputs import safe_name, save_atomic
+from ..app.settings import GenerateSettings
+from ..core.errors import ConceptrolError
+from ..core.images import load_reference_image
 from .benchmark import Case
 from .progress import JobProgress
 from .records import RecordStore, shard
@@ -131,7 +131,7 @@ def _done(record: dict | None, case: Case) -> bool:
 
 
 def _generate_one(pipe: Any, job: Job, out: Path, base: GenerateSettings, rank: int) -> dict:
-    from ..generate import run_conceptrol
+    from ..app.generate import run_conceptrol
 
     settings = job_settings(base, job)
     record = {"key": job.key, "case_id": job.case.case_id, "fingerprint": job.case.fingerprint, "method": job.method,

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConceptrolError, ConceptrolWarning
-from ..outputs import write_json_atomic
+from ..app.outputs import write_json_atomic
+from ..core.errors import ConceptrolError, ConceptrolWarning
 
 RUN_FILE = "run.json"
 JUDGE_FILE = "judge.json"
@@ -22,9 +22,9 @@ def run_identity(settings: Any, base: Any, info: Any) -> dict[str, Any]:
     Methods, scales and seeds are not here: they are part of each job's key, so a resume may add more.
     Where the weights come from (--adapter-repo) and the device are not either: they do not change them.
     """
-    from ..config import CONCEPT_LAYERS
-    from ..generate import resolved_values
-    from ..loading import DEFAULT_ADAPTERS, pick_device, pick_dtype, resolve_model
+    from ..app.generate import resolved_values
+    from ..app.loading import DEFAULT_ADAPTERS, pick_device, pick_dtype, resolve_model
+    from ..core.config import CONCEPT_LAYERS
 
     profile = info.profile(base.adapter)
     values = resolved_values(base, profile)

@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from .concepts import Concept
-from .config import ConceptrolConfig
-from .errors import ConceptrolError
-from .images import load_reference_image
+from ..core.concepts import Concept
+from ..core.config import ConceptrolConfig
+from ..core.errors import ConceptrolError
+from ..core.images import load_reference_image
 from .outputs import free_suffix, safe_name, with_suffix, write_new_png, write_new_text
 from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource
 
@@ -103,7 +103,7 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
     """
     import torch
 
-    from .install import apply_conceptrol
+    from ..apply import apply_conceptrol
     from .preflight import pipeline_profile
 
     profile = pipeline_profile(pipe)
@@ -174,7 +174,7 @@ def _parameters(settings: GenerateSettings, values: dict[str, Any]) -> dict[str,
     """What a result file records about how it was made (PNG text chunk and sidecar JSON)."""
     import diffusers
 
-    from . import __version__
+    from .. import __version__
 
     concepts = [concept.text if isinstance(concept, Concept) else concept for concept in settings.concept]
     occurrences = [concept.occurrence if isinstance(concept, Concept) else 0 for concept in settings.concept]

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import ConceptrolError
+from ..core.errors import ConceptrolError
 
 
 def safe_name(text: str) -> str:

@@ -18,9 +18,10 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from PIL import Image
 from torch import Tensor
 
-from ..errors import ConceptrolError
-from ..processors.flux import FluxCall, condition_scale_at
-from .ominicontrol import ConditionTokens, OminiControlTransformer, StepInputs
+from ...core.errors import ConceptrolError
+from ..sequence import condition_scale_at
+from .attention import FluxCall
+from .transformer import ConditionTokens, OminiControlTransformer, StepInputs
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,15 @@
-"""Per-generation state shared by the processors of one handle (no module-level state)."""
+"""Per-call state shared by the U-Net processors of one handle (no module-level state)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from .config import ConceptrolConfig, adapter_active
-from .images import mask_overlay
-from .masking import layer_grid, resize_mask, span_weights
-
-
-@dataclass
-class ConceptMasks:
-    """Concept masks read at the concept layer during one call."""
-
-    masks: Tensor  # [steps, samples, concepts, h, w], fp32 on the CPU, each in [0, 1]
-    concepts: list[list[str]]  # the concept text (or span) of each sample and reference image
-    layer: str  # the layer the masks were read at
-
-    def final(self) -> Tensor:
-        """The mask of the last step: [samples, concepts, h, w]."""
-        return self.masks[-1]
-
-    def overlay(self, image: Image.Image, sample: int = 0, concept: int = 0, step: int = -1) -> Image.Image:
-        """One mask as a heat map over a generated image (the mask is upsampled to the image's size)."""
-        return mask_overlay(image, self.masks[step, sample, concept])
+from ..core.config import ConceptrolConfig, adapter_active
+from ..core.masking import layer_grid, resize_mask, span_weights
+from ..core.masks import ConceptMasks
 
 
 @dataclass

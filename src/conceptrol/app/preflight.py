@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .concepts import Concept, resolve_concepts
-from .config import CONCEPT_LAYERS, normalize_layer_name
-from .errors import ConceptrolError
+from ..core.concepts import Concept, resolve_concepts
+from ..core.config import CONCEPT_LAYERS, normalize_layer_name
+from ..core.errors import ConceptrolError
 from .loading import DEFAULT_ADAPTERS, adapter_weights, profile_for, resolve_model, resolve_repo, xlabs_image_encoder
 from .settings import GenerateSettings, check_size
 
@@ -46,13 +46,13 @@ class ModelInfo:
 
 def info_from_pipeline(pipe: Any) -> ModelInfo:
     """The ModelInfo of a loaded pipeline (its adapter loaded; Redux as ReduxPipelines)."""
-    from .install import detect_architecture
+    from ..unet import detect_architecture
 
     profile = pipeline_profile(pipe)
     pipe = getattr(pipe, "pipe", pipe)
     transformer = getattr(pipe, "transformer", None)
     if hasattr(transformer, "single_transformer_blocks"):
-        from .backends.ominicontrol import block_names
+        from ..flux.blocks import block_names
 
         return ModelInfo("flux", pipe.tokenizer_2, FLUX_MAX_SEQUENCE_LENGTH, tuple(block_names(transformer)),
                          bool(transformer.config.get("guidance_embeds")), pipe.vae_scale_factor * 2,

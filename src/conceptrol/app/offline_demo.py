@@ -80,7 +80,7 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
 
 def tiny_pipeline(model: str = "sd15", seed: int = 0):
     """The demo's tiny random pipeline with its adapter (one of TINY_MODELS); Redux as ReduxPipelines."""
-    from .tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline
+    from ..tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline
 
     if model == "flux":
         return tiny_flux_pipeline(seed=seed)
@@ -93,8 +93,8 @@ def tiny_pipeline(model: str = "sd15", seed: int = 0):
 
 
 def _tiny_flux1(model: str, seed: int):
+    from ..tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
     from .loading import ReduxPipelines
-    from .tiny_flux import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
 
     if model == "flux-kontext":
         return tiny_kontext(seed=seed)

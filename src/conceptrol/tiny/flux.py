@@ -1,4 +1,4 @@
-"""Tiny FLUX.1 pipelines for the reference adapters of ALGORITHM.md section 4, seeded and offline.
+"""Tiny FLUX.1 pipelines for OminiControl and the reference adapters of ALGORITHM.md section 4, seeded and offline.
 
 The transformer keeps FLUX.1's real block layout (19 double-stream and 38 single-stream blocks) at
 tiny widths. XLabs' IP-Adapter is written in XLabs' own `ip_adapter.safetensors` format and loaded
@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
 
-from .tiny import IMAGE_ENCODER_SIZE, CLIPImageProcessor, _image_encoder, _text_encoder, clip_tokenizer, t5_tokenizer
+from .text import IMAGE_ENCODER_SIZE, CLIPImageProcessor, clip_tokenizer, image_encoder, t5_tokenizer, text_encoder
 
 try:  # transformers 5: the Pillow-based processor, which needs no torchvision
     from transformers import SiglipImageProcessorPil as SiglipImageProcessor
@@ -69,7 +69,7 @@ def flux_components(seed: int = 0, double: int = 19, single: int = 38, guidance:
     clip, t5_tok = clip_tokenizer(), t5_tokenizer()
     return dict(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux_vae(seed + 4),
-        text_encoder=_text_encoder(clip, seed + 5, hidden=text_dims[1]), tokenizer=clip,
+        text_encoder=text_encoder(clip, seed + 5, hidden=text_dims[1]), tokenizer=clip,
         text_encoder_2=_t5_encoder(len(t5_tok), seed + 3, text_dims[0]), tokenizer_2=t5_tok,
         transformer=flux1_transformer(seed, double, single, guidance, text_dims),
     )
@@ -83,6 +83,30 @@ def tiny_flux(seed: int = 0, guidance: bool = False, **sizes) -> FluxPipeline:
 def tiny_kontext(seed: int = 0, guidance: bool = True, **sizes) -> FluxKontextPipeline:
     """A tiny FLUX.1-Kontext pipeline (guidance-distilled, like the real one) on the same components."""
     return FluxKontextPipeline(**flux_components(seed, guidance=guidance, **sizes))
+
+
+FLUX_LORA_TARGETS = ["x_embedder", "to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear", "norm.linear",
+                     "proj_mlp", "proj_out"]
+
+
+def flux_transformer(seed: int = 0, with_lora: bool = True, double: int = 2, single: int = 2) -> FluxTransformer2DModel:
+    """A tiny FLUX transformer (16 input channels = 4 latent channels packed 2x2), with a random subject LoRA."""
+    from peft import LoraConfig
+
+    model = flux1_transformer(seed, double, single)
+    if with_lora:
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS),
+                          adapter_name="subject")
+    return model
+
+
+def tiny_flux_pipeline(seed: int = 0, t5_tok=None, with_lora: bool = True) -> FluxPipeline:
+    """A tiny FLUX pipeline (CLIP + T5 encoders, VAE, 2+2 blocks) with an OminiControl-style random LoRA."""
+    clip, t5_tok = clip_tokenizer(), t5_tok or t5_tokenizer()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux_vae(seed + 4),
+                        text_encoder=text_encoder(clip, seed + 5), tokenizer=clip,
+                        text_encoder_2=_t5_encoder(len(t5_tok), seed + 3, TEXT_DIMS[0]), tokenizer_2=t5_tok,
+                        transformer=flux_transformer(seed, with_lora))
 
 
 def tiny_reference_image(seed: int = 0, size: int = 32) -> Image.Image:
@@ -117,7 +141,7 @@ def save_tiny_xlabs_ip_adapter(folder: Path, transformer: FluxTransformer2DModel
     """Write `folder/ip_adapter.safetensors` and a tiny CLIP image encoder in `folder/image_encoder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = _image_encoder(seed + 3)
+    encoder = image_encoder(seed + 3)
     state = xlabs_ip_adapter_state_dict(transformer, encoder.config.projection_dim, seed)
     save_file(state, str(folder / XLABS_WEIGHTS))
     encoder.save_pretrained(folder / "image_encoder")

@@ -1,4 +1,4 @@
-"""apply_conceptrol(pipe, config) -> handle; handle(...) runs the pipeline; handle.remove() undoes it."""
+"""Conceptrol on SD 1.5 / SDXL with IP-Adapter: the handle that installs the processors, runs the pipeline and removes them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from .callbacks import chain_step_callback
-from .concepts import ResolvedConcepts, resolve_concepts
-from .config import CONCEPT_LAYERS, ConceptrolConfig
-from .errors import ConceptrolError
-from .flux_handle import is_flux_pipeline
-from .processors.unet import ConceptrolIPAdapterProcessor
-from .state import ConceptMasks, ConceptrolState
+from ..core.callbacks import chain_step_callback
+from ..core.concepts import ResolvedConcepts, resolve_concepts
+from ..core.config import CONCEPT_LAYERS, ConceptrolConfig
+from ..core.errors import ConceptrolError
+from ..core.masks import ConceptMasks
+from .processor import ConceptrolIPAdapterProcessor
+from .state import ConceptrolState
 
 PROCESSOR_SUFFIX = ".processor"
 
@@ -25,25 +25,14 @@ def detect_architecture(unet: Any) -> str:
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: Any = None) -> Any:
-    """Install Conceptrol on a diffusers pipeline with a reference adapter; returns the handle to call it through.
+def recognises(pipe: Any) -> bool:
+    """A pipeline with a U-Net (Stable Diffusion 1.5, SDXL and their variants)."""
+    return getattr(pipe, "unet", None) is not None
 
-    SD 1.5 / SDXL with an IP-Adapter; FLUX.1 with the OminiControl subject LoRA, with XLabs' IP-Adapter, as a
-    FluxKontextPipeline, or with `redux=` a FluxPriorReduxPipeline (then `pipe` is a FluxPipeline with its text
-    encoders).
-    """
-    if is_flux_pipeline(pipe):
-        from .flux_adapters import flux_handle
 
-        return flux_handle(pipe, (config or ConceptrolConfig()).with_architecture("flux"), redux)
-    if redux is not None:
-        raise ConceptrolError(f"redux= goes with a FLUX.1 pipeline (FluxPipeline), not {type(pipe).__name__}")
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ConceptrolError(
-            f"{type(pipe).__name__} is not supported; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
-            "with an IP-Adapter, and FLUX pipelines with OminiControl"
-        )
+def install(pipe: Any, config: ConceptrolConfig) -> ConceptrolHandle:
+    """Conceptrol on an SD 1.5 / SDXL pipeline with an IP-Adapter loaded by `pipe.load_ip_adapter`."""
+    unet = pipe.unet
     if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
         raise ConceptrolError(f"{type(pipe).__name__} has no callback_on_step_end, which Conceptrol needs to follow the steps")
     processors = unet.attn_processors
@@ -55,7 +44,7 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
             "this pipeline has no IP-Adapter; call pipe.load_ip_adapter(...) first, e.g. "
             'pipe.load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter-plus_sd15.safetensors")'
         )
-    config = (config or ConceptrolConfig()).with_architecture(detect_architecture(unet))
+    config = config.with_architecture(detect_architecture(unet))
     _check_layer(config.concept_layer, adapter_layers)
     return ConceptrolHandle(pipe, config)
 

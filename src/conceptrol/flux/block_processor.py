@@ -22,10 +22,11 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor
 
-from ..config import ConceptrolConfig, adapter_active
-from ..errors import ConceptrolError
-from ..masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
-from .flux import OUTSIDE_WINDOW_SCALE, SequenceLayout
+from ..core.config import ConceptrolConfig, adapter_active
+from ..core.errors import ConceptrolError
+from ..core.masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
+from ..core.wrapping import DelegatesBackend, DelegatesScale
+from .sequence import OUTSIDE_WINDOW_SCALE, SequenceLayout
 
 try:  # diffusers' own projection helper (handles fused projections); the plain projections otherwise
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -165,7 +166,7 @@ class _Attention:
     output: Tensor  # [B, L, H*d]
 
 
-class FluxBlockProcessor(torch.nn.Module):
+class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
     """Conceptrol's processor for one block; whether it reads the mask is fixed by its name at install.
 
     Wrapping an IP-Adapter processor, it shares `to_k_ip`, `to_v_ip` and `scale` with it by reference, so
@@ -182,31 +183,6 @@ class FluxBlockProcessor(torch.nn.Module):
         self.gates = hasattr(wrapped, "to_k_ip")  # the XLabs IP-Adapter's double blocks
         if self.gates:
             self.to_k_ip, self.to_v_ip = wrapped.to_k_ip, wrapped.to_v_ip
-
-    @property
-    def scale(self) -> list:
-        """The wrapped IP-Adapter processor's scales: `pipe.set_ip_adapter_scale` keeps working."""
-        return self.wrapped.scale
-
-    @scale.setter
-    def scale(self, value: list) -> None:
-        self.wrapped.scale = value
-
-    @property
-    def _attention_backend(self) -> Any:  # `transformer.set_attention_backend` reaches the wrapped processor
-        return getattr(self.wrapped, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value: Any) -> None:
-        self.wrapped._attention_backend = value
-
-    @property
-    def _parallel_config(self) -> Any:
-        return getattr(self.wrapped, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value: Any) -> None:
-        self.wrapped._parallel_config = value
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb: Any = None,

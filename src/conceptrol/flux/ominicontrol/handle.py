@@ -1,4 +1,4 @@
-"""Conceptrol for FLUX with OminiControl: the same handle contract as the U-Net path."""
+"""Conceptrol for FLUX.1 with OminiControl: the same handle contract as the U-Net path, around its own denoising loop."""
 
 from __future__ import annotations
 
@@ -14,30 +14,19 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from PIL import Image
 from torch import Tensor
 
-from .backends.ominicontrol import (
-    SUBJECT_ADAPTER,
-    OminiControlTransformer,
-    block_names,
-    lora_adapters,
-    lora_layers,
-    subject_adapter,
-)
-from .backends.ominicontrol_pipeline import OminiControlInputs, OminiControlSettings, TextInputs, run_ominicontrol
-from .concepts import ResolvedConcepts, as_span, resolve_concepts
-from .config import CONCEPT_LAYERS, ConceptrolConfig
-from .errors import ConceptrolError, ConceptrolWarning
-from .processors.flux import FluxCall
-from .state import ConceptMasks
+from ...core.concepts import ResolvedConcepts, as_span, resolve_concepts
+from ...core.config import ConceptrolConfig
+from ...core.errors import ConceptrolError, ConceptrolWarning
+from ...core.masks import ConceptMasks
+from ..blocks import mask_blocks
+from .attention import FluxCall
+from .pipeline import OminiControlInputs, OminiControlSettings, TextInputs, run_ominicontrol
+from .transformer import SUBJECT_ADAPTER, OminiControlTransformer, lora_adapters, lora_layers, subject_adapter
 
-REREAD_BLOCKS = ("single_transformer_blocks.18", "single_transformer_blocks.37")  # the reference re-reads here
 LORA_HINT = ('load the OminiControl subject LoRA first, e.g. pipe.load_lora_weights("Yuanshi/OminiControl", '
              'weight_name="omini/subject_512.safetensors", adapter_name="subject")')
 CALLBACK_TENSORS = tuple(FluxPipeline._callback_tensor_inputs)  # what callback_on_step_end_tensor_inputs may name
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit on T5 tokens
-
-
-def is_flux_pipeline(pipe: Any) -> bool:
-    return hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks")
 
 
 def carries_ominicontrol(pipe: Any, redux: Any = None) -> bool:
@@ -172,13 +161,7 @@ class FluxConceptrolHandle:
             warnings.warn(f"taking the LoRA adapter {adapter!r} for OminiControl's subject LoRA; load OminiControl with "
                           f"adapter_name={SUBJECT_ADAPTER!r} to say so (and to load other LoRAs next to it)",
                           ConceptrolWarning, stacklevel=4)  # at the apply_conceptrol call
-        blocks = block_names(pipe.transformer)
-        if config.concept_layer not in blocks:
-            close = difflib.get_close_matches(config.concept_layer, blocks, n=3)
-            raise ConceptrolError(f"concept block {config.concept_layer!r} is not a block of this transformer"
-                                  + (f"; did you mean one of {close}?" if close else f"; it has {len(blocks)} blocks"))
-        rereads = [b for b in REREAD_BLOCKS if b in blocks] if config.concept_layer == CONCEPT_LAYERS["flux"] else []
-        self.mask_blocks = (config.concept_layer, *rereads)
+        self.mask_blocks = mask_blocks(pipe.transformer, config.concept_layer)
         self.pipe, self.config = pipe, config
         self.runner: OminiControlTransformer | None = OminiControlTransformer(pipe.transformer, self.mask_blocks, adapter)
         self.masks: ConceptMasks | None = None

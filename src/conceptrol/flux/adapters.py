@@ -11,22 +11,20 @@ the wrapped pipeline through.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .backends.ominicontrol import block_names
-from .callbacks import chain_step_callback
-from .concepts import ResolvedConcepts, as_span, resolve_concepts
-from .config import CONCEPT_LAYERS, ConceptrolConfig
-from .errors import ConceptrolError
-from .processors.flux import SequenceLayout
-from .processors.flux_blocks import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode, check_bias_backend
-from .state import ConceptMasks
+from ..core.callbacks import chain_step_callback
+from ..core.concepts import ResolvedConcepts, as_span, resolve_concepts
+from ..core.config import ConceptrolConfig
+from ..core.errors import ConceptrolError
+from ..core.masks import ConceptMasks
+from .block_processor import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode, check_bias_backend
+from .blocks import mask_blocks
+from .sequence import SequenceLayout
 
-REREAD_BLOCKS = ("single_transformer_blocks.18", "single_transformer_blocks.37")  # as the reference re-reads
 PROCESSOR_SUFFIX = ".attn.processor"
 MAX_T5_TOKENS = 512
 
@@ -46,10 +44,7 @@ class FluxAdapterHandle:
         if any(isinstance(p, FluxBlockProcessor) for p in transformer.attn_processors.values()):
             raise ConceptrolError("Conceptrol is already applied to this pipeline; call handle.remove() before "
                                   "applying it again")
-        blocks = block_names(transformer)
-        _check_block(config.concept_layer, blocks)
-        rereads = [b for b in REREAD_BLOCKS if b in blocks] if config.concept_layer == CONCEPT_LAYERS["flux"] else []
-        reading = {config.concept_layer, *rereads}
+        reading = set(mask_blocks(transformer, config.concept_layer))
         self.pipe, self.config = pipe, config
         self.state = FluxAdapterState(config, self.mode)
         self._saved = dict(transformer.attn_processors)
@@ -178,14 +173,6 @@ def _check_sizes(pipe: Any, kwargs: dict) -> None:
             raise ConceptrolError(f"{name} must be a positive multiple of {multiple} pixels for this model, got {value}")
 
 
-def _check_block(block: str, blocks: list[str]) -> None:
-    if block in blocks:
-        return
-    close = difflib.get_close_matches(block, blocks, n=3)
-    raise ConceptrolError(f"concept block {block!r} is not a block of this transformer"
-                          + (f"; did you mean one of {close}?" if close else f"; it has {len(blocks)} blocks"))
-
-
 def _latent_grid(img_ids: Tensor) -> tuple[int, int]:
     """(rows, cols) of the latent tokens, from their position ids (0, row, col); one device sync per call."""
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # [N (+ reference), 3]
@@ -275,46 +262,3 @@ class ReduxHandle(FluxAdapterHandle):
         text, image = _joint_sizes(kwargs)
         t5 = min(self.state.call.num_t5 or text, text)  # a negative prompt's pass has no reference tokens
         return SequenceLayout(text + image, slice(0, t5), slice(text, text + image), slice(t5, text))
-
-
-def flux_handle(pipe: Any, config: ConceptrolConfig, redux: Any = None) -> Any:
-    """The handle for the one reference adapter `pipe` carries (or `redux` brings); clear errors otherwise."""
-    from .flux_handle import LORA_HINT, FluxConceptrolHandle, carries_ominicontrol
-
-    transformer = pipe.transformer
-    carried = {
-        "the OminiControl LoRA": carries_ominicontrol(pipe, redux),
-        "an IP-Adapter": any(hasattr(p, "to_k_ip") for p in transformer.attn_processors.values()),
-        "FLUX.1 Kontext": "Kontext" in type(pipe).__name__,
-        "a Redux prior": redux is not None,
-    }
-    found = [name for name, present in carried.items() if present]
-    if len(found) > 1:
-        raise ConceptrolError(f"this FLUX pipeline carries {' and '.join(found)}; Conceptrol follows one reference "
-                              "adapter at a time: unload the other (pipe.unload_lora_weights(), pipe.unload_ip_adapter()) "
-                              "or use a separate pipeline")
-    if not found:
-        raise ConceptrolError(
-            "this FLUX pipeline has no reference adapter; either " + LORA_HINT + ", or load XLabs' IP-Adapter "
-            '(pipe.load_ip_adapter("XLabs-AI/flux-ip-adapter", weight_name="ip_adapter.safetensors", '
-            'image_encoder_pretrained_model_name_or_path="openai/clip-vit-large-patch14")), or use a '
-            "FluxKontextPipeline, or pass redux=FluxPriorReduxPipeline.from_pretrained(...)")
-    if carried["the OminiControl LoRA"]:
-        return FluxConceptrolHandle(pipe, config)
-    if carried["an IP-Adapter"]:
-        return XLabsIPAdapterHandle(pipe, config)
-    if carried["FLUX.1 Kontext"]:
-        return KontextHandle(pipe, config)
-    _check_redux(pipe, redux)
-    return ReduxHandle(pipe, config, redux)
-
-
-def _check_redux(pipe: Any, prior: Any) -> None:
-    if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "text_encoder", None) is None:
-        raise ConceptrolError("FLUX.1 Redux with Conceptrol reads the concept from the prompt, so the FLUX pipeline "
-                              "needs its text encoders: load FluxPipeline with them (not text_encoder=None, "
-                              "text_encoder_2=None as Redux's own examples do)")
-    for part in ("image_encoder", "feature_extractor", "image_embedder"):
-        if getattr(prior, part, None) is None:
-            raise ConceptrolError(f"redux= must be a FluxPriorReduxPipeline with its {part}; load it with "
-                                  'FluxPriorReduxPipeline.from_pretrained("black-forest-labs/FLUX.1-Redux-dev")')

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .config import check_window
-from .errors import ConceptrolError
+from ..core.config import check_window
+from ..core.errors import ConceptrolError
 
 NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
 # The paper's demo settings (ALGORITHM.md): scale, warm-up start, steps, classifier-free guidance.

@@ -7,68 +7,23 @@ through `pipe.load_ip_adapter(...)`, exactly as users load the real ones.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from safetensors.torch import save_file
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
+from safetensors.torch import save_file
+from transformers import CLIPTokenizer
 
-try:  # transformers 5: the Pillow-based processor, which needs no torchvision
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-except ImportError:  # transformers 4
-    from transformers import CLIPImageProcessor
+from .text import IMAGE_ENCODER_SIZE, CLIPImageProcessor, clip_tokenizer, image_encoder, text_encoder
 
-IMAGE_ENCODER_SIZE = 32
 ADAPTER_KINDS = ("base", "plus", "full-face")
-
-
-def byte_level_alphabet() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 bytes."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in keep]
-    codes = {b: b for b in keep} | {b: 256 + i for i, b in enumerate(extra)}
-    return [chr(codes[b]) for b in range(256)]
-
-
-def clip_tokenizer(merges: list[str] | None = None, folder: Path | None = None) -> CLIPTokenizer:
-    """A CLIP tokenizer from BPE merges; with no merges, one that spells every word letter by letter."""
-    merges = merges or []
-    alphabet = byte_level_alphabet()
-    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder or tempfile.mkdtemp(prefix="conceptrol-tok-"))
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-
-
-def _text_encoder(tokenizer: CLIPTokenizer, seed: int, with_projection: bool = False, hidden: int = 32):
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
-
-
-def _image_encoder(seed: int) -> CLIPVisionModelWithProjection:
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32, projection_dim=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_ENCODER_SIZE, patch_size=8,
-    )
-    return CLIPVisionModelWithProjection(config).eval()
 
 
 def _vae(seed: int) -> AutoencoderKL:
@@ -112,10 +67,10 @@ def tiny_sd15_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None, pi
     """A tiny SD 1.5-layout pipeline (any SD 1.5 pipeline class) with an image encoder, no adapter yet."""
     tokenizer = tokenizer or clip_tokenizer()
     return pipeline_class(
-        vae=_vae(seed + 1), text_encoder=_text_encoder(tokenizer, seed + 2), tokenizer=tokenizer,
+        vae=_vae(seed + 1), text_encoder=text_encoder(tokenizer, seed + 2), tokenizer=tokenizer,
         unet=sd15_unet(seed), scheduler=_scheduler(), safety_checker=None,
         feature_extractor=CLIPImageProcessor(size=IMAGE_ENCODER_SIZE, crop_size=IMAGE_ENCODER_SIZE),
-        image_encoder=_image_encoder(seed + 3), requires_safety_checker=False,
+        image_encoder=image_encoder(seed + 3), requires_safety_checker=False,
     )
 
 
@@ -123,11 +78,11 @@ def tiny_sdxl_pipeline(seed: int = 0, tokenizer: CLIPTokenizer | None = None, pi
     """A tiny SDXL-layout pipeline with both text encoders and an image encoder, no adapter yet."""
     tokenizer = tokenizer or clip_tokenizer()
     return pipeline_class(
-        vae=_vae(seed + 1), text_encoder=_text_encoder(tokenizer, seed + 2), tokenizer=tokenizer,
-        text_encoder_2=_text_encoder(tokenizer, seed + 4, with_projection=True), tokenizer_2=tokenizer,
+        vae=_vae(seed + 1), text_encoder=text_encoder(tokenizer, seed + 2), tokenizer=tokenizer,
+        text_encoder_2=text_encoder(tokenizer, seed + 4, with_projection=True), tokenizer_2=tokenizer,
         unet=sdxl_unet(seed), scheduler=_scheduler(),
         feature_extractor=CLIPImageProcessor(size=IMAGE_ENCODER_SIZE, crop_size=IMAGE_ENCODER_SIZE),
-        image_encoder=_image_encoder(seed + 3),
+        image_encoder=image_encoder(seed + 3),
     )
 
 
@@ -203,61 +158,6 @@ def load_tiny_ip_adapter(pipe, kinds: str | list[str] = "plus", seed: int = 0, f
     pipe.load_ip_adapter(str(folder), subfolder=[""] * len(names), weight_name=names, image_encoder_folder=None)
 
 
-def t5_tokenizer(max_length: int = 512):
-    """A T5-layout tokenizer (pad 0, eos 1, unk 2, no start token) that spells words letter by letter."""
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = list(string.ascii_lowercase + string.digits + ",.!?'-")
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in alphabet] + [("▁" + c, -2.5) for c in alphabet]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   model_max_length=max_length)
-
-
-FLUX_LORA_TARGETS = ["x_embedder", "to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "norm1.linear", "norm.linear",
-                     "proj_mlp", "proj_out"]
-
-
-def flux_transformer(seed: int = 0, with_lora: bool = True, double: int = 2, single: int = 2):
-    """A tiny FLUX transformer (16 input channels = 4 latent channels packed 2x2), with a random subject LoRA."""
-    from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
-
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    ).eval()
-    if with_lora:
-        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS),
-                          adapter_name="subject")
-    return model
-
-
-def tiny_flux_pipeline(seed: int = 0, t5_tok=None, with_lora: bool = True):
-    """A tiny FLUX pipeline (CLIP + T5 encoders, VAE, transformer) with an OminiControl-style random LoRA."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import T5Config, T5EncoderModel
-
-    clip, t5_tok = clip_tokenizer(), t5_tok or t5_tokenizer()
-    torch.manual_seed(seed + 3)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
-    torch.manual_seed(seed + 4)
-    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, scaling_factor=0.36,
-                        shift_factor=0.11, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_text_encoder(clip, seed + 5),
-                        tokenizer=clip, text_encoder_2=t5, tokenizer_2=t5_tok,
-                        transformer=flux_transformer(seed, with_lora))
-
-
 def save_tiny_sd15(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """A tiny SD 1.5 model folder and a tiny copy of h94/IP-Adapter's layout, as `hf download` would leave them.
 
@@ -271,5 +171,5 @@ def save_tiny_sd15(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     pipe.save_pretrained(model)
     (adapters / "models").mkdir(parents=True, exist_ok=True)
     save_file(ip_adapter_state_dict(pipe.unet, "plus", seed), str(adapters / "models" / "ip-adapter-plus_sd15.safetensors"))
-    _image_encoder(seed + 3).save_pretrained(adapters / "models" / "image_encoder")
+    image_encoder(seed + 3).save_pretrained(adapters / "models" / "image_encoder")
     return model, adapters

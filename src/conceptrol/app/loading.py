@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import ConceptrolError
+from ..core.errors import ConceptrolError
 from .settings import check_device_name, check_dtype
 
 if TYPE_CHECKING:

@@ -8,12 +8,13 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from torch import Tensor, nn
 
-from ..errors import ConceptrolError
-from ..masking import concept_mask, text_attention_probs
-from ..state import CallState, ConceptrolState
+from ..core.errors import ConceptrolError
+from ..core.masking import concept_mask, text_attention_probs
+from ..core.wrapping import DelegatesScale
+from .state import CallState, ConceptrolState
 
 
-class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
+class ConceptrolIPAdapterProcessor(DelegatesScale, IPAdapterAttnProcessor2_0):
     """IP-Adapter attention whose image branch acts only inside the concept mask (arXiv 2503.06568, eq. 5).
 
     It reuses the wrapped processor's `to_k_ip`, `to_v_ip` and `scale` by reference, so diffusers'
@@ -32,14 +33,6 @@ class ConceptrolIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         self.state = state
         self.name = name
         self.is_concept_layer = is_concept_layer
-
-    @property
-    def scale(self) -> list:
-        return self.wrapped.scale
-
-    @scale.setter
-    def scale(self, value: list) -> None:
-        self.wrapped.scale = value
 
     def __call__(
         self,

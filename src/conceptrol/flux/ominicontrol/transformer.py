@@ -4,7 +4,7 @@ Written from OminiControl's public description (Tan et al., arXiv 2411.15098; Yu
 the condition tokens are the reference image's packed VAE latents. They pass through the same image-stream
 modules as the latent tokens, with the subject LoRA on (the latent and text tokens with it off), get the
 timestep embedding of t = 0, and their own rotary position ids. Every block attends over
-[text | latent | condition] with the additive bias of `processors.flux`. Diffusers' own FLUX forward has
+[text | latent | condition] with the additive bias of `attention.py`. Diffusers' own FLUX forward has
 no third stream, so this module re-implements the forward (following diffusers' FluxTransformer2DModel,
 FluxTransformerBlock and FluxSingleTransformerBlock); with no condition it equals diffusers' output.
 
@@ -24,8 +24,10 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor, nn
 
-from ..errors import ConceptrolError
-from ..processors.flux import DEFAULT_MASK_BLOCKS, FluxCall, FluxConceptrolAttention, JointLayout
+from ...core.errors import ConceptrolError
+from ..blocks import block_names
+from ..sequence import JointLayout
+from .attention import DEFAULT_MASK_BLOCKS, FluxCall, FluxConceptrolAttention
 
 
 @dataclass
@@ -121,12 +123,6 @@ def offload_hooks(module: nn.Module) -> Iterator[None]:
     finally:
         for hook in reversed(hooks):
             hook.post_forward(module, None)
-
-
-def block_names(transformer: nn.Module) -> list[str]:
-    """The names of a FLUX transformer's blocks in running order (double-stream, then single-stream)."""
-    return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
-        f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
 
 
 class OminiControlTransformer:

@@ -1,0 +1,55 @@
+"""apply_conceptrol(pipe, config) -> handle: the one entry point, choosing a model family from one table.
+
+A family is a folder (`unet/`, `flux/`, ...) whose package gives `recognises(pipe) -> bool` and
+`install(pipe, config, **keywords) -> handle`; adding a model family is one folder and one line in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.config import ConceptrolConfig
+from .core.errors import ConceptrolError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its folder under conceptrol/, and the extra keywords of apply_conceptrol it takes."""
+
+    package: str
+    keywords: dict[str, str] = field(default_factory=dict)  # keyword -> what it goes with, for the error message
+
+
+# Tried in order; the first family whose `recognises(pipe)` is true installs Conceptrol on the pipeline.
+FAMILIES = (
+    Family("flux", {"redux": "a FLUX.1 pipeline (FluxPipeline)"}),
+    Family("unet"),
+)
+
+
+def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: Any = None) -> Any:
+    """Install Conceptrol on a diffusers pipeline with a reference adapter; returns the handle to call it through.
+
+    SD 1.5 / SDXL with an IP-Adapter; FLUX.1 with the OminiControl subject LoRA, with XLabs' IP-Adapter, as a
+    FluxKontextPipeline, or with `redux=` a FluxPriorReduxPipeline (then `pipe` is a FluxPipeline with its text
+    encoders).
+    """
+    keywords = {name: value for name, value in {"redux": redux}.items() if value is not None}
+    for family in FAMILIES:
+        module = importlib.import_module(f".{family.package}", __package__)
+        if module.recognises(pipe):
+            _check_keywords(pipe, family, keywords)
+            return module.install(pipe, config or ConceptrolConfig(), **keywords)
+    raise ConceptrolError(
+        f"{type(pipe).__name__} is not supported; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
+        "with an IP-Adapter, and FLUX pipelines with OminiControl"
+    )
+
+
+def _check_keywords(pipe: Any, family: Family, keywords: dict[str, Any]) -> None:
+    for name in keywords:
+        if name not in family.keywords:
+            home = next(f.keywords[name] for f in FAMILIES if name in f.keywords)
+            raise ConceptrolError(f"{name}= goes with {home}, not {type(pipe).__name__}")

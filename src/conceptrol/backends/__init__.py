@@ -1,1 +1,0 @@
-"""What cannot be an attention processor, isolated (OminiControl's condition branch)."""

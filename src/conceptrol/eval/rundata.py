@@ -1,0 +1,112 @@
+"""What a run folder holds (run.json, the latest record of every job) and its per-method summary, read only."""
+
+from __future__ import annotations
+
+import base64
+import io
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..core.errors import ConceptrolError
+from .records import RecordStore
+from .runs import read_run_file
+
+METRICS = ("clip_t", "clip_i", "dino")
+JUDGE = ("cp", "pf", "cp_pf")
+COUNTS = ("images", "failed", "scored")
+
+
+@dataclass
+class RunData:
+    """What a run folder holds: its settings and the current record of every job."""
+
+    out: Path
+    settings: dict | None  # run.json, or None for runs made before it existed
+    generations: dict[str, dict]  # key -> the job's current generation record
+    scores: dict[str, dict]  # key -> a valid score of the current picture
+    judgements: dict[str, dict]  # key -> a valid verdict on the current picture
+    malformed: int = 0  # record lines that could not be read
+    unreadable: set[str] = field(default_factory=set)  # image files missing or damaged
+
+
+def load_run(out: Path) -> RunData:
+    """Read a run folder without writing anything; a folder that is not a run is an error that says so."""
+    from .runner import latest
+
+    out = Path(out).expanduser()
+    if not out.is_dir():
+        raise ConceptrolError(f"{out} is not a run folder (it {'is a file' if out.exists() else 'does not exist'}); "
+                              "pass the --out of a `conceptrol evaluate` run")
+    malformed, read = 0, {}
+    for name in ("generations", "scores", "judgements"):
+        records = []
+        for path in sorted(out.glob(f"{name}.rank*.jsonl")):
+            good, bad = RecordStore(path).read_counting()
+            records += good
+            malformed += bad
+        read[name] = latest(records)
+    if not read["generations"]:
+        raise ConceptrolError(f"{out} holds no generation records; run `conceptrol evaluate --out {out}` first")
+    current = read["generations"]
+
+    def valid(entries: dict[str, dict]) -> dict[str, dict]:
+        return {key: entry for key, entry in entries.items() if entry.get("status", "ok") == "ok" and key in current
+                and current[key].get("status") == "ok" and entry.get("generation_id") == current[key].get("generation_id")}
+
+    return RunData(out, read_run_file(out) if (out / "run.json").exists() else None, current,
+                   valid(read["scores"]), valid(read["judgements"]), malformed)
+
+
+def summarize(run: Path | RunData) -> list[dict]:
+    """Per (method, scale): images made, jobs failed, images scored, and the mean of every metric."""
+    data = run if isinstance(run, RunData) else load_run(run)
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for record in data.generations.values():
+        groups[(record["method"], record["scale"])].append(record)
+    rows = []
+    for (method, scale), records in sorted(groups.items()):
+        ok = [r["key"] for r in records if r.get("status") == "ok"]
+        scores = [data.scores[k] for k in ok if k in data.scores]
+        judged = [data.judgements[k] for k in ok if k in data.judgements]
+        row = {"method": method, "scale": scale, "images": len(ok), "failed": len(records) - len(ok),
+               "scored": len(scores)}
+        row |= {m: statistics.fmean(s[m] for s in scores) for m in METRICS if scores}
+        if judged:  # CP·PF is the product of the two means, as DreamBench++ reports it
+            row |= {"judged": len(judged), "cp": statistics.fmean(j["cp"] for j in judged),
+                    "pf": statistics.fmean(j["pf"] for j in judged)}
+            row["cp_pf"] = row["cp"] * row["pf"]
+        rows.append(row)
+    return rows
+
+
+def outputs_by_case(data: RunData) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
+    """The (method, scale) settings generated, and each case's record per setting, sorted by case id."""
+    generations = [r for r in data.generations.values() if r.get("status") == "ok"]
+    by_case: dict[str, dict] = defaultdict(dict)
+    for record in generations:
+        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
+    return sorted({(r["method"], r["scale"]) for r in generations}), sorted(by_case.items())
+
+
+def open_image(data: RunData, path: Path) -> Image.Image | None:
+    """The image at `path` as RGB, or None (counted in data.unreadable) when it is missing or damaged."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        data.unreadable.add(str(path))
+        return None
+
+
+def embed_image(data: RunData, path: Path, size: int = 256) -> str:
+    image = open_image(data, path)
+    if image is None:
+        return "<i>missing</i>"
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
