@@ -1,8 +1,11 @@
 """Locating concepts with CLIP's real tokenizer."""
 
-import pytest
+import warnings
 
-from conceptrol import Concept, ConceptNotFoundError, ConceptrolError, find_concept_span
+import pytest
+import torch
+
+from conceptrol import Concept, ConceptNotFoundError, ConceptrolError, ConceptrolWarning, find_concept_span
 from conceptrol.core.concepts import resolve_concepts
 
 
@@ -60,13 +63,14 @@ def test_concept_past_the_77_token_limit_is_an_error(clip_tok):
 
 
 def test_empty_concept_is_rejected(clip_tok):
-    with pytest.raises(ConceptrolError, match="non-empty"):
+    with pytest.raises(ConceptrolError, match="has no word in it"):
         find_concept_span(clip_tok, "a dog", "  ")
 
 
-def test_concept_of_punctuation_only_is_rejected(clip_tok):
-    with pytest.raises(ConceptrolError, match="non-empty word or phrase"):
-        find_concept_span(clip_tok, "a dog, surfing", ",")
+@pytest.mark.parametrize("concept", [",", "🐶"])
+def test_concept_of_punctuation_or_emoji_only_has_no_word_in_it(clip_tok, concept):  # audit D23
+    with pytest.raises(ConceptrolError, match=f"concept '{concept}' has no word in it"):
+        find_concept_span(clip_tok, "a dog, surfing 🐶", concept)
 
 
 def test_one_concept_list_applies_to_every_prompt_and_repeats_per_image(clip_tok):
@@ -165,3 +169,44 @@ def test_an_unrelated_concept_gets_no_far_fetched_suggestion(clip_tok):
     with pytest.raises(ConceptNotFoundError) as raised:
         find_concept_span(clip_tok, "a dog on the moon", "cat")
     assert "did you mean" not in str(raised.value) and "pass a word or phrase that appears in the prompt" in str(raised.value)
+
+
+def test_a_span_written_as_a_list_says_how_to_write_a_span(clip_tok):  # audit D23
+    with pytest.raises(ConceptrolError, match=r"a token span is written as a tuple \(start, end\) or a slice, got the "
+                                              r"list \[1, 2\]"):
+        resolve_concepts(clip_tok, ["a dog"], [[1, 2]], 1)
+
+
+def test_a_span_past_the_text_tokens_is_a_conceptrol_error():  # audit D23
+    from conceptrol.core.masking import span_weights
+
+    with pytest.raises(ConceptrolError, match="is past the 77 text tokens"):
+        span_weights([[slice(76, 80)]], 77, torch.device("cpu"))
+
+
+def test_two_concepts_on_the_same_words_warn_once(clip_tok):  # audit D14
+    with pytest.warns(ConceptrolWarning, match=r"concepts 1 and 2 \('dog'\) pick the same words") as caught:
+        resolve_concepts(clip_tok, ["a dog and a dog"], ["dog", "dog"], 1)
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_concepts(clip_tok, ["a dog and a dog"], ["dog", Concept("dog", occurrence=1)], 1)
+
+
+def test_a_concept_missing_from_a_long_prompt_is_one_short_line(clip_tok):  # audit D33
+    prompt = " ".join(["a very long description of a sunny seaside town"] * 12) + " with a cat"
+    with pytest.raises(ConceptNotFoundError) as raised:
+        find_concept_span(clip_tok, prompt, "horse", max_length=10_000)
+    message = str(raised.value)
+    assert len(message) < 700 and "..." in message and message.count("seaside") < 6
+
+
+@pytest.mark.parametrize("concept", ["horse", "then", "andy"])
+def test_a_stop_word_is_never_suggested_for_a_missing_concept(clip_tok, concept):  # audit D25
+    from conceptrol.demo.concept_words import concept_from_text
+
+    prompt = "a cat and a teddy bear in the snow"
+    for find in (lambda: find_concept_span(clip_tok, prompt, concept), lambda: concept_from_text(prompt, concept)):
+        with pytest.raises(ConceptrolError) as raised:
+            find()
+        assert "did you mean 'the'" not in str(raised.value) and "did you mean 'and'" not in str(raised.value)

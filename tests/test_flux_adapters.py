@@ -289,3 +289,26 @@ def test_two_xlabs_adapters_take_one_reference_and_concept_each_as_the_reference
     torch.testing.assert_close(masks, reference.all_masks, atol=ROUND_OFF, rtol=0)
     with pytest.raises(ConceptrolError, match="got 1 reference image\\(s\\) for 2 loaded IP-Adapter"):
         apply_conceptrol(pipe)(prompt=PROMPT, concepts=["dog"], **common(ip_adapter_image=images[0]))
+
+
+@pytest.mark.parametrize("kind", ["xlabs-ip", "kontext", "redux"])
+def test_a_window_without_steps_is_refused_and_a_failed_call_leaves_no_masks(kind):  # audit D3, D23
+    from helpers import flux_adapter_kwargs, tiny_flux_adapter
+
+    pipe, extra = tiny_flux_adapter(kind)
+    layer = dict(concept_layer="transformer_blocks.1")
+    handle = apply_conceptrol(pipe, ConceptrolConfig(**layer), **extra)
+    handle(prompt=PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2))
+    assert handle.masks is not None
+
+    def stop(pipe, step, timestep, tensors):
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        handle(prompt=PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2), callback_on_step_end=stop)
+    assert handle.masks is None
+    handle.remove()
+    empty = apply_conceptrol(pipe, ConceptrolConfig(start=0.2, end=0.3, **layer), **extra)
+    with pytest.raises(ConceptrolError, match="holds none of the 2 denoising steps"):
+        empty(prompt=PROMPT, concepts=["dog"], **flux_adapter_kwargs(kind, steps=2))
+    assert empty.state.call is None

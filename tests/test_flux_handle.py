@@ -101,3 +101,19 @@ def test_step_callback_sees_every_step_and_may_replace_the_latents(t5_tok):
     torch.testing.assert_close(plain, call(handle, concepts=["dog"]))  # a callback that returns {} changes nothing
     zeroed = call(handle, concepts=["dog"], callback_on_step_end=lambda p, s, t, kw: {"latents": kw["latents"] * 0})
     assert zeroed.abs().max() == 0
+
+
+def test_a_window_that_holds_no_step_is_refused_and_a_failed_call_leaves_no_masks(t5_tok):  # audit D3, D23
+    handle = apply_conceptrol(tiny_flux(t5_tok), ConceptrolConfig(concept_layer="transformer_blocks.1"))
+    call(handle, concepts=["dog"])
+    assert handle.masks is not None
+    empty = apply_conceptrol(handle.pipe, ConceptrolConfig(concept_layer="transformer_blocks.1", start=0.2, end=0.3))
+    with pytest.raises(ConceptrolError, match="holds none of the 2 denoising steps"):
+        call(empty, concepts=["dog"], num_inference_steps=2)
+
+    def stop(pipe, step, timestep, tensors):
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        call(handle, concepts=["dog"], callback_on_step_end=stop)
+    assert handle.masks is None

@@ -244,3 +244,34 @@ def test_remove_after_unload_ip_adapter_warns_and_leaves_the_new_processors():
     with pytest.warns(UserWarning, match="replaced after apply_conceptrol"):
         handle.remove()
     assert all(pipe.unet.attn_processors[k] is v for k, v in after_unload.items())
+
+
+def test_a_window_that_holds_no_step_is_refused_before_the_first_step():  # audit D3
+    pipe = make_pipe("sd15")
+    handle = apply_conceptrol(pipe, ConceptrolConfig(start=0.2, end=0.3))  # no k with 0.2 <= k/2 and (k+1)/2 <= 0.3
+    steps = []
+
+    def count(pipe, step, timestep, tensors):
+        steps.append(step)
+        return {}
+
+    with pytest.raises(ConceptrolError, match="holds none of the 2 denoising steps"):
+        handle(PROMPT, concepts=["dog"], **kwargs(num_inference_steps=2, callback_on_step_end=count))
+    assert steps == [] and handle.state.call is None
+    handle(PROMPT, concepts=["dog"], **kwargs(num_inference_steps=10))  # step 2 of 10 lies in [0.2, 0.3]
+
+
+def test_masks_of_an_earlier_call_are_gone_after_a_call_that_failed():  # audit D23
+    pipe = make_pipe("sd15")
+    handle = apply_conceptrol(pipe)
+    handle(PROMPT, concepts=["dog"], **kwargs(num_inference_steps=3))
+    assert handle.masks is not None and handle.masks.masks.shape[0] == 3
+
+    def fail_at_step_one(pipe, step, timestep, tensors):
+        if step == 1:
+            raise RuntimeError("stopped")
+        return {}
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        handle(PROMPT, concepts=["dog"], **kwargs(num_inference_steps=3, callback_on_step_end=fail_at_step_one))
+    assert handle.masks is None

@@ -15,6 +15,11 @@ from .errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")
 
 
+# Words never suggested for a single-word concept that is not in the prompt.
+STOP_WORDS = frozenset("a an the and or of in on at to with by for from into onto over under is are its his her their "
+                       "this that these those some".split())
+
+
 @dataclass(frozen=True)
 class Concept:
     """A concept word or phrase of the prompt; `occurrence` picks which whole-word repeat (0 = first).
@@ -41,7 +46,7 @@ def find_concept_span(
     concept = Concept(concept) if isinstance(concept, str) else concept
     phrase = _words(concept.text)
     if not phrase:
-        raise ConceptrolError(f"a concept must be a non-empty word or phrase from the prompt, got {concept.text!r}")
+        raise ConceptrolError(f"concept {concept.text!r} has no word in it; pass the prompt's word or phrase for the subject")
     matches = _phrase_matches(prompt, phrase)
     if len(matches) <= concept.occurrence:
         raise ConceptNotFoundError(_not_found_message(tokenizer, prompt, concept, len(matches)))
@@ -49,7 +54,7 @@ def find_concept_span(
     limit = (max_length or tokenizer.model_max_length) - 1  # the last kept position holds the end token
     if span.stop > limit:
         raise ConceptNotFoundError(
-            f"concept {concept.text!r} sits at tokens {span.start}..{span.stop - 1} of prompt {prompt!r}, "
+            f"concept {concept.text!r} sits at tokens {span.start}..{span.stop - 1} of prompt {shorten_middle(prompt)!r}, "
             f"past the text encoder's limit of {limit + 1} tokens, so the model never sees it; "
             "shorten the prompt or move the concept nearer its start"
         )
@@ -86,6 +91,26 @@ def as_span(value: slice | tuple, num_text_tokens: int | None = None) -> slice:
     if num_text_tokens is not None and stop > num_text_tokens:
         raise ConceptrolError(f"token span {start}..{stop} is past the {num_text_tokens} text tokens")
     return slice(start, stop)
+
+
+def shorten_middle(text: str, width: int = 80) -> str:
+    """`text` for a one-line message: whole when short, else its first and last words around ' ... '."""
+    if len(text) <= width:
+        return text
+    words = text.split()
+    head, tail = [], []
+    while words and len(" ".join(head + tail)) + len(words[0]) < width * 2 // 3:
+        head.append(words.pop(0))
+    while words and len(" ".join(head + tail)) + len(words[-1]) < width:
+        tail.insert(0, words.pop())
+    return " ".join(head) + " ... " + " ".join(tail)
+
+
+def _few(tokens: list[str], most: int = 24) -> str:
+    """A token list for a message: all of them, or the first and last ones around '...' when there are many."""
+    if len(tokens) <= most:
+        return str(tokens)
+    return str(tokens[: most * 2 // 3])[:-1] + ", ..., " + str(tokens[-most // 3 :])[1:]
 
 
 def _words(text: str) -> list[str]:
@@ -146,24 +171,28 @@ def _cut_points(prompt: str) -> list[int]:
 
 
 def _not_found_message(tokenizer: Any, prompt: str, concept: Concept, found: int) -> str:
+    shown = shorten_middle(prompt)
     if found:
         return (
-            f"concept {concept.text!r} occurs {found} time(s) in prompt {prompt!r}, "
+            f"concept {concept.text!r} occurs {found} time(s) in prompt {shown!r}, "
             f"so occurrence={concept.occurrence} does not exist; use an occurrence below {found}"
         )
     tokens = tokenizer.convert_ids_to_tokens(_ids(tokenizer, prompt, special=True))
-    message = f"concept {concept.text!r} not found in prompt {prompt!r}; its tokens are {tokens}"
-    n = len(_words(concept.text))
-    words = _words(prompt)
+    message = f"concept {concept.text!r} not found in prompt {shown!r}; its tokens are {_few(tokens)}"
+    close = closest_phrase(_words(concept.text), _words(prompt))
+    return message + (f"; did you mean {close!r}?" if close else "; pass a word or phrase that appears in the prompt")
+
+
+def closest_phrase(wanted: list[str], words: list[str]) -> str | None:
+    """The prompt's phrase (as many words as `wanted`) to suggest for a concept it lacks: one containing it ('dog' ->
+    'sheepdog', 'bear' -> 'teddy-bear'), else the closest spelling; never a stop word for a one-word concept."""
+    n = len(wanted)
+    words = [word for word in words if n > 1 or word not in STOP_WORDS]  # 'horse' is not 'the'
     phrases = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
-    wanted = " ".join(_words(concept.text))
-    containing = [p for p in phrases if wanted in p]  # 'dog' -> 'sheepdog', 'bear' -> 'teddy-bear'
-    close = containing[:1] or difflib.get_close_matches(wanted, phrases, n=1, cutoff=0.6)
-    if close:
-        message += f"; did you mean {close[0]!r}?"
-    else:
-        message += "; pass a word or phrase that appears in the prompt"
-    return message
+    text = " ".join(wanted)
+    containing = [phrase for phrase in phrases if text in phrase]
+    close = containing[:1] or difflib.get_close_matches(text, phrases, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 @dataclass(frozen=True)
@@ -188,6 +217,10 @@ def resolve_concepts(
     """
     if not isinstance(concepts, (list, tuple)) or len(concepts) == 0:
         raise ConceptrolError("concepts must be a non-empty list, one concept per reference image")
+    for concept in concepts:
+        if isinstance(concept, list) and len(concept) == 2 and all(isinstance(v, int) for v in concept):
+            raise ConceptrolError(f"a token span is written as a tuple (start, end) or a slice, got the list {concept!r}"
+                                  " (a list holds one prompt's concepts)")
     per_prompt = all(isinstance(c, (list, tuple)) and not _is_pair(c) for c in concepts)
     num_prompts = len(prompts) if prompts is not None else (len(concepts) if per_prompt else 1)
     lists = list(concepts) if per_prompt else [list(concepts)] * num_prompts
@@ -201,6 +234,7 @@ def resolve_concepts(
     for index, concept_list in enumerate(lists):
         prompt = prompts[index] if prompts is not None else None
         resolved = [_resolve_one(tokenizer, prompt, c, max_length) for c in concept_list]
+        _warn_if_shared(resolved, prompt)
         repeats = num_samples // num_prompts
         spans += [[span for span, _ in resolved]] * repeats
         labels += [[label for _, label in resolved]] * repeats
@@ -213,13 +247,27 @@ def _warn_if_truncated(tokenizer: Any, prompt: str, max_length: int | None) -> N
     """One ConceptrolWarning naming the words the text encoder will never see (diffusers' own is hidden)."""
     dropped = truncated_text(tokenizer, prompt, max_length)
     if dropped:
-        shown = textwrap.shorten(prompt, 50, placeholder=" ...")
+        shown, dropped = textwrap.shorten(prompt, 50, placeholder=" ..."), shorten_middle(dropped)
         limit = max_length or tokenizer.model_max_length
         warnings.warn(
             f"prompt {shown!r} is longer than the text encoder's {limit}-token limit; "
             f"these words are dropped: {dropped!r}",
             ConceptrolWarning, stacklevel=3,
         )
+
+
+def _warn_if_shared(resolved: list[tuple[slice, str]], prompt: str | None) -> None:
+    """One ConceptrolWarning when two references are confined to the same words of a prompt (a repeated word)."""
+    seen: dict[tuple[int, int], int] = {}
+    for index, (span, label) in enumerate(resolved):
+        first = seen.setdefault((span.start, span.stop), index)
+        if first != index:
+            where = f" of prompt {shorten_middle(prompt)!r}" if prompt else ""
+            warnings.warn(
+                f"concepts {first + 1} and {index + 1} ({label!r}) pick the same words{where}, so both references are "
+                f"confined to them; for a later repeat of the word pass Concept({label!r}, occurrence=1) "
+                f"(on the command line: --concept {label}@2)", ConceptrolWarning, stacklevel=4)
+            return
 
 
 def _is_pair(value: Any) -> bool:

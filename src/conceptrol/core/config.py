@@ -60,13 +60,27 @@ class ConceptrolConfig:
         return replace(self, architecture=self.architecture or architecture, concept_layer=layer)
 
 
+def check_fraction(name: str, value: float) -> None:
+    """`value` is a fraction of the steps, in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ConceptrolError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+
+
 def check_window(start: float, end: float) -> None:
     """start and end are fractions of the steps with start < end (else the adapter would never act)."""
-    for name, value in (("start", start), ("end", end)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-            raise ConceptrolError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+    check_fraction("start", start)
+    check_fraction("end", end)
     if start >= end:
         raise ConceptrolError(f"start ({start}) must be smaller than end ({end}): the adapter would never act")
+
+
+def check_window_steps(start: float, end: float, total_steps: int) -> None:
+    """Some of the `total_steps` denoising steps lie in the window [start, end] (else the adapter would never act)."""
+    if not any(adapter_active(step, total_steps, start, end) for step in range(total_steps)):
+        raise ConceptrolError(
+            f"the window start {start:g} to end {end:g} holds none of the {total_steps} denoising steps (step k acts "
+            f"when start <= k/{total_steps} and (k+1)/{total_steps} <= end), so the adapter would never act at "
+            f"{total_steps} steps; widen the window or use more steps")
 
 
 def normalize_layer_name(name: str) -> str:
@@ -77,3 +91,24 @@ def normalize_layer_name(name: str) -> str:
 def adapter_active(step: int, total_steps: int, start: float, end: float) -> bool:
     """The warm-up window: the adapter acts at step k unless k/T < start or (k+1)/T > end."""
     return not (step / total_steps < start or (step + 1) / total_steps > end)
+
+
+@dataclass(kw_only=True)
+class StepWindow:
+    """Where a call is in its denoising steps, and whether the adapter acts in the running step.
+
+    Processors read `active`, never the step: a compiled denoiser is specialised on every Python value its processors
+    read, so reading the step would recompile it at every step. The handle calls `follow` between model calls.
+    """
+
+    total_steps: int  # best guess until the pipeline reports the steps it really runs
+    step: int = 0  # read by the handle only
+    active: bool = True  # the adapter acts in the running step (the [start, end] window)
+    checked_steps: int | None = None  # the step count the window was last checked against
+
+    def follow(self, start: float, end: float) -> None:
+        """Set `active` for the running step; the window must hold some of the steps the pipeline runs."""
+        if self.checked_steps != self.total_steps:
+            check_window_steps(start, end, self.total_steps)
+            self.checked_steps = self.total_steps
+        self.active = adapter_active(self.step, self.total_steps, start, end)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConceptrolError
+
 MASK_EPS = 1e-6  # added to the max in the normalisation, as in the reference
 HEADS_PER_CHUNK = 4  # FLUX mask: attention heads whose text probabilities are held at once
 
@@ -31,7 +33,7 @@ def span_weights(spans: list[list[slice]], num_tokens: int, device: torch.device
     for s, sample_spans in enumerate(spans):
         for j, span in enumerate(sample_spans):
             if span.stop > num_tokens:
-                raise ValueError(f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
+                raise ConceptrolError(f"concept span {span.start}..{span.stop} is past the {num_tokens} text tokens "
                                  "the model receives")
             weights[s, j, span] = 1.0 / (span.stop - span.start)
     return weights

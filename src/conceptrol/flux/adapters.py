@@ -71,11 +71,13 @@ class FluxAdapterHandle:
         masking = self.config.masking != "none"
         self.state.call = AdapterCall(spans=resolved.spans if masking else None,
                                       total_steps=int(kwargs.get("num_inference_steps") or 28))
+        self.masks, output = None, None
         try:
-            return self._run(prompt, chain_step_callback(kwargs, self._on_step_end))
+            output = self._run(prompt, chain_step_callback(kwargs, self._on_step_end))
+            return output
         finally:
             call, self.state.call = self.state.call, None
-            self.masks = self._masks(call, resolved.labels)
+            self.masks = self._masks(call, resolved.labels) if output is not None else None
 
     def remove(self) -> None:
         """Restore the exact processor objects that were there before; idempotent."""

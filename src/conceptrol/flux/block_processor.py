@@ -22,7 +22,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor
 
-from ..core.config import ConceptrolConfig, adapter_active
+from ..core.config import ConceptrolConfig, StepWindow
 from ..core.errors import ConceptrolError
 from ..core.masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
 from ..core.wrapping import DelegatesBackend, DelegatesScale
@@ -48,7 +48,7 @@ ADDITIVE_MASK_BACKENDS = ("native", "_native_math", "_native_efficient", "_nativ
 
 
 @dataclass
-class AdapterCall:
+class AdapterCall(StepWindow):
     """One call of a FLUX adapter handle: spans, where the denoising loop is, and the latest mask.
 
     The handle updates it between transformer calls; processors read only what changes at most a few times a call
@@ -57,11 +57,8 @@ class AdapterCall:
     """
 
     spans: list[list[slice]] | None  # [sample][concept] spans in the T5 tokens (0-based); None = masking off
-    total_steps: int  # best guess until the pipeline reports the steps it really runs
     num_t5: int | None = None  # Redux: the T5 tokens before the reference tokens in the text stream
-    step: int = 0  # read by the handle only
     passes: int = 0  # transformer calls in this step: the first is the positive pass, a second the true-CFG negative
-    active: bool = True  # the adapter acts in this step (the [start, end] window)
     negative: bool = False  # the running transformer call is a true-CFG negative pass: it reads no mask
     layout: SequenceLayout | None = None  # of the running transformer call
     grid: tuple[int, int] | None = None  # (rows, cols) of the latent tokens
@@ -130,8 +127,7 @@ class FluxAdapterState:
 
     def follow_window(self) -> None:
         """Set `call.active` from the step; the handle calls it between transformer calls."""
-        call = self.call
-        call.active = adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
+        self.call.follow(self.config.start, self.config.end)
 
     def active(self) -> bool:
         return self.call.active

@@ -94,10 +94,12 @@ class ConceptrolHandle:
             warnings.warn("concept positions are read from `prompt`; a different `prompt_2` is not searched", stacklevel=2)
         kwargs = self._with_step_callback(kwargs)
         self.state.begin(resolved.spans, resolved.labels, total_steps=kwargs.get("num_inference_steps", 50))
+        output = None
         try:
-            return self.pipe(prompt=prompt, **kwargs)
+            output = self.pipe(prompt=prompt, **kwargs)
+            return output
         finally:
-            self.state.end()
+            self.state.end(completed=output is not None)
 
     def remove(self) -> None:
         """Restore the exact processor objects that were there before; idempotent."""

@@ -7,24 +7,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..core.config import ConceptrolConfig, adapter_active
+from ..core.config import ConceptrolConfig, StepWindow
 from ..core.masking import layer_grid, resize_mask, span_weights
 from ..core.masks import ConceptMasks
 
 
 @dataclass
-class CallState:
+class CallState(StepWindow):
     """What one pipeline call needs: spans, the step, and the stored global mask."""
 
     spans: list[list[slice]]  # [sample][concept] token span in the text context
     labels: list[list[str]]  # [sample][concept] for display
-    total_steps: int  # best guess until the pipeline reports the steps it really runs
     latent_hw: tuple[int, int] | None = None  # set from the U-Net input on every evaluation
-    step: int = 0  # read by the handle only
-    # whether the adapter acts in the running step (the [start, end] window), set by the handle between U-Net calls:
-    # processors read this bool, never the step, since a compiled U-Net is specialised on every Python value its
-    # processors read (reading the step would recompile it at every step)
-    active: bool = True
     global_mask: Tensor | None = None  # [S, J, h, w] from the concept layer
     _resized: dict[tuple, Tensor] = field(default_factory=dict)
     _weights: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
@@ -84,10 +78,10 @@ class ConceptrolState:
         self.call = CallState(spans=spans, labels=labels, total_steps=total_steps)
         self.last_masks = None
 
-    def end(self) -> None:
-        """Release the call's tensors, keeping the recorded masks on the CPU."""
+    def end(self, completed: bool = True) -> None:
+        """Release the call's tensors, keeping the recorded masks on the CPU (none from a call that failed)."""
         call, self.call = self.call, None
-        if call is not None and call.records:
+        if completed and call is not None and call.records:
             self.last_masks = ConceptMasks(
                 masks=torch.stack([r.float().cpu() for r in call.records]),
                 concepts=call.labels,
@@ -96,5 +90,4 @@ class ConceptrolState:
 
     def follow_window(self) -> None:
         """Set `call.active` from the step; the handle calls it between U-Net calls."""
-        call = self.call
-        call.active = adapter_active(call.step, call.total_steps, self.config.start, self.config.end)
+        self.call.follow(self.config.start, self.config.end)

@@ -183,6 +183,7 @@ class FluxConceptrolHandle:
         """
         if self.runner is None:
             raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
+        self.masks = None  # until this call has finished
         args = FluxCallArgs.from_kwargs(prompt, kwargs)
         if not isinstance(image, Image.Image):
             raise ConceptrolError("pass image=<PIL image>: OminiControl takes one reference image")

@@ -18,6 +18,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from PIL import Image
 from torch import Tensor
 
+from ...core.config import check_window_steps
 from ...core.errors import ConceptrolError
 from ..sequence import condition_scale_at
 from .attention import FluxCall
@@ -173,6 +174,7 @@ def _denoise(pipe: Any, loop: _Loop, inputs: OminiControlInputs, latents: Tensor
     """FluxPipeline's denoising loop (step 6 of its __call__) with OminiControl's transformer."""
     settings = loop.settings
     timesteps = _timesteps(pipe, settings, latents.shape[1], latents.device)
+    check_window_steps(settings.start, settings.end, len(timesteps))
     _begin(pipe, settings, len(timesteps))
     pipe.scheduler.set_begin_index(0)
     for step, t in enumerate(timesteps):
