@@ -96,6 +96,14 @@ def test_demo_in_a_users_shell_prints_no_library_noise(tmp_path):
     assert "warn" not in result.stderr.lower()
 
 
+def test_the_library_imports_and_applies_without_library_noise():  # audit D27
+    code = ("from conceptrol import ConceptrolHandle, apply_conceptrol\ntry:\n    apply_conceptrol(object())\n"
+            "except Exception as error:\n    print(type(error).__name__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "ConceptrolError" and result.stderr == ""
+
+
 def test_help_and_argument_mistakes_import_nothing_heavy():
     script = ("import sys\nfrom conceptrol.cli import main\n"
               "code = main(['generate', '--prompt', 'a dog', '--image', 'x.png', '--concept', 'dog', '--scale', 'inf'])\n"
@@ -197,7 +205,7 @@ def test_generate_never_overwrites_and_records_its_settings_in_each_file(ref, tm
                 "references": [str(ref.resolve())]}
     settings, text = png_settings(out / "global-seed0-0.png")
     assert {k: settings[k] for k in expected} == expected and settings["conceptrol"] and settings["diffusers"]
-    assert "prompt: a corgi on the moon" in text and "scale: 1.5" in text
+    assert text.splitlines()[0] == "a corgi on the moon" and "Conceptrol scale: 1.5" in text  # AUTOMATIC1111's format
     assert png_settings(out / "global-seed0-0-2.png")[0]["scale"] == 0.5
     sidecar = json.loads((out / "global-seed0-0.json").read_text())
     assert {k: sidecar[k] for k in expected} == expected

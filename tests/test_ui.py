@@ -558,3 +558,50 @@ def test_two_subjects_give_one_mask_each_in_reference_order(tmp_path):
     assert [label for _, label in result.overlays] == ["mask of 'cat'", "mask of 'dog'"]
     masks = [np.asarray(image, dtype=np.float32) for image, _ in result.overlays]
     assert not np.array_equal(masks[0], masks[1])  # each subject its own mask
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "./nonexistent"], "--model ./nonexistent: no such folder"),
+    (["--model", "sd1.5"], "did you mean sd15?"),
+    (["--model", "sdxl", "--model", "/models/my-sd15-folder", "--ip-adapter-repo", "/models/ip-adapter"],
+     "--model /models/my-sd15-folder: no such folder"),
+    (["--model", "sd15", "--adapter", "xlabs-ip"], "--adapter xlabs-ip does not fit --model sd15"),
+    (["--demo", "--ip-adapter-repo", "/nonexistent"], "--demo uses its own tiny models; leave out --ip-adapter-repo"),
+    (["--demo", "--adapter-repo", "x"], "--demo uses its own tiny models; leave out --adapter-repo"),
+])
+def test_ui_checks_every_model_and_adapter_flag_before_serving(args, message):  # audit D10
+    result = subprocess.run([sys.executable, "-m", "conceptrol.cli", "ui", *args], capture_output=True, text=True,
+                            timeout=60, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.splitlines() == [f"conceptrol: error: {result.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in result.stderr
+
+
+def test_each_model_of_the_menu_takes_the_adapter_folder_that_holds_its_adapter(tiny_folder):  # audit D10, D17
+    from conceptrol.demo import UIOptions
+
+    model, adapters = tiny_folder
+    [choice] = UIOptions(model=(str(model),), adapter_repo=(str(adapters),)).menu()
+    assert choice.adapter_repo == str(adapters) and choice.architecture == "sd15"
+    [old] = UIOptions(model=(str(model),), ip_adapter_repo=str(adapters)).menu()  # the deprecated flag still works
+    assert old.adapter_repo == str(adapters)
+    with pytest.raises(ConceptrolError, match="holds the adapter of no model in the menu"):
+        UIOptions(model=("flux",), adapter_repo=(str(adapters),)).menu()
+    xlabs, redux = UIOptions(model=("flux-dev",), adapter="xlabs-ip").menu() + UIOptions(model=("flux-dev",),
+                                                                                          adapter="redux").menu()
+    assert (xlabs.architecture, xlabs.adapter, redux.architecture) == ("flux-ip", "xlabs-ip", "flux-redux")
+    assert "xlabs-ip" in xlabs.label
+
+
+def test_a_ui_on_every_interface_warns_in_one_line_and_an_unknown_api_model_leaves_no_traceback(tmp_path):  # D25
+    from gradio_client import Client, handle_file
+
+    reference = tmp_path / "dog.png"
+    reference_picture(32).save(reference)
+    with ui_server("--host", "0.0.0.0", "--port", str(port := free_port()), cwd=tmp_path):
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="unknown model 'sd15'; choose one of tiny-sd15"):
+            client.predict(model="sd15", prompt="a dog", scale=1.0, start=0.2, steps=2, seed=0, width=64, height=64,
+                           reference_1=handle_file(str(reference)), concept_1="dog", api_name="/generate")
+        log = (tmp_path / "ui.log").read_text()
+    assert "conceptrol: warning: serving on 0.0.0.0: anyone who can reach this port" in log

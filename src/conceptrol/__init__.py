@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
-from .core.quiet import silence_torchvision_fallback
+from .core.quiet import quiet_imports, silence_torchvision_fallback
 
 silence_torchvision_fallback()
 
@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'conceptrol' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    with quiet_imports():
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     globals()[name] = value
     return value
 

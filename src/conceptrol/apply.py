@@ -12,6 +12,7 @@ from typing import Any
 
 from .core.config import ConceptrolConfig
 from .core.errors import ConceptrolError
+from .core.quiet import quiet_imports
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
     """
     keywords = {name: value for name, value in {"redux": redux}.items() if value is not None}
     for family in FAMILIES:
-        module = importlib.import_module(f".{family.package}", __package__)
+        with quiet_imports():
+            module = importlib.import_module(f".{family.package}", __package__)
         if module.recognises(pipe):
             _check_keywords(pipe, family, keywords)
             return module.install(pipe, config or ConceptrolConfig(), **keywords)

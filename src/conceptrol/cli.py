@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from .app.settings import NEGATIVE_PROMPT
+from .app.settings import NEGATIVE_PROMPT, TINY_MODELS
 from .core.errors import ConceptrolError, ConceptrolWarning
 
 
@@ -34,14 +34,24 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
+DEMO_SHORT_NAMES = tuple(name.removeprefix("tiny-") for name in TINY_MODELS)  # `demo --model sd15` and the like
+MODEL_HELP = ("sd15, sdxl, flux, flux-dev, flux-kontext, a hub id, a local folder, or an offline tiny model with random "
+              f"weights ({', '.join(TINY_MODELS)}) (default: sd15)")
+ADAPTER_HELP = ("SD: base, plus, plus-face, full-face (default plus); FLUX.1: subject, subject-1024 (OminiControl, the "
+                "default), xlabs-ip, redux; Kontext: kontext (the default)")
+ADAPTER_REPO_HELP = ("hub id or local copy of the adapter's repository: h94/IP-Adapter, Yuanshi/OminiControl, "
+                     "XLabs-AI/flux-ip-adapter, black-forest-labs/FLUX.1-Redux-dev")
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: auto)"
+DTYPE_HELP = "auto (fp16 on GPU, bf16 for FLUX, fp32 on CPU), fp32, fp16, bf16 (default: auto)"
+MASKING_HELP = ("global (the paper's), local (every layer its own mask), or none: the adapter as is (vanilla "
+                "IP-Adapter, plain OminiControl, the stock XLabs IP-Adapter, Kontext or Redux)")
+
+
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
     """Flags `generate` and `evaluate` share (same names as GenerateSettings' fields)."""
-    parser.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, flux-kontext, a hub id or a local "
-                                                        "folder (default: sd15)")
-    parser.add_argument("--adapter", help="SD: base, plus, plus-face, full-face (default plus); FLUX.1: subject, "
-                                          "subject-1024 (OminiControl, the default), xlabs-ip, redux; Kontext: none")
-    parser.add_argument("--adapter-repo", help="hub id or local copy of the adapter's repository: h94/IP-Adapter, "
-                                               "Yuanshi/OminiControl, XLabs-AI/flux-ip-adapter, FLUX.1-Redux-dev")
+    parser.add_argument("--model", default="sd15", help=MODEL_HELP)
+    parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument("--adapter-repo", help=ADAPTER_REPO_HELP)
     parser.add_argument("--concept-layer", help="layer (SD) or block (FLUX) that reads the mask (default: the preset)")
     parser.add_argument("--start", type=float, help="fraction of steps before Conceptrol's adapter acts "
                                                     "(default: 0.2; FLUX 0); baselines always start at 0")
@@ -53,8 +63,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
     parser.add_argument("--condition-size", type=int, help="OminiControl: the reference's square size (default: 512); "
                                                            "Kontext: its longer side (default: Kontext's own ~1 MP)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, bf16 for FLUX, fp32 on CPU), fp32, fp16, bf16")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,23 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images with Conceptrol (real weights)")
     gen.add_argument("--prompt", required=True, help="the text prompt")
     gen.add_argument("--image", type=Path, action="append", required=True, help="reference image (repeat for several subjects)")
-    gen.add_argument("--concept", action="append", required=True, help="the prompt's word for each --image, in order")
+    gen.add_argument("--concept", action="append", required=True, help="the prompt's word or phrase for each --image, "
+                     "in order; WORD@N picks its N-th occurrence (dog@2: the second 'dog')")
     _generation_flags(gen)
-    gen.add_argument("--masking", default="global", choices=["global", "local", "none"], help="none = vanilla IP-Adapter")
+    gen.add_argument("--masking", default="global", choices=["global", "local", "none"], help=MASKING_HELP)
     gen.add_argument("--scale", type=float, help="adapter scale (default: 1.5 for SD 1.5, 1.0 for SDXL and FLUX)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the first image (default: 0)")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt, from one seeded generator (default: 1)")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs); "
                                                                        "earlier files are never overwritten")
     gen.add_argument("--save-masks", action="store_true", help="also save concept-mask overlays")
     ev = commands.add_parser("evaluate", help="generate and score a benchmark (resumable; shard with accelerate launch)")
-    ev.add_argument("--benchmark", type=Path, required=True, help="DreamBench++ folder or .jsonl/.csv manifest")
-    ev.add_argument("--method", action="append", help="a baseline (ip-adapter, ominicontrol, xlabs-ip, kontext, redux: "
-                                                      "the model's adapter as is) or conceptrol; repeatable (default: "
-                                                      "the model's baseline and conceptrol)")
-    ev.add_argument("--scale", type=float, action="append", help="adapter scale (repeatable; default: the protocol's "
-                                                                 "per-method scale, else 1.0)")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ev.add_argument("--benchmark", type=Path, required=True, help="a DreamBench++ release folder, a DreamBench "
+                    "(DreamBooth) folder, or a .jsonl/.csv manifest (image, prompt, concept)")
+    ev.add_argument("--method", nargs="+", action="extend", help="a baseline (ip-adapter, ominicontrol, xlabs-ip, "
+                    "kontext, redux: the model's adapter as is) or conceptrol; several values or repeated (default: "
+                    "the model's baseline and conceptrol)")
+    ev.add_argument("--scale", type=float, nargs="+", action="extend", help="adapter scale(s); several values or "
+                    "repeated (default: the protocol's per-method scale, else 1.0)")
+    ev.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", action="extend",
+                    help="random seed(s), one image per case and seed; several values or repeated (default: 0)")
     _generation_flags(ev)
     ev.set_defaults(model="sd15")
     ev.add_argument("--limit", type=int, help="only the first N cases")
@@ -97,19 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dry-run", action="store_true", help="check everything and list what would run; generate nothing")
     ev.add_argument("--out", type=Path, required=True, help="the run folder (resumable; run.json holds its settings)")
     rep = commands.add_parser("report", help="print the table of a run and write report.html")
-    rep.add_argument("run", type=Path)
+    rep.add_argument("run", type=Path, help="the run folder (the --out of `conceptrol evaluate`)")
     rep.add_argument("--paper", action="store_true", help="compare CP / PF / CP·PF with the paper's Table 1, with 95%% "
                                                            "bootstrap intervals over the judged images")
     rep.add_argument("--baseline-scale", type=float, help="with --paper: the baseline's scale that Conceptrol's gain is "
                                                           "measured against (default: the same scale, else the "
                                                           "baseline's only one)")
     demo = commands.add_parser("demo", help="run offline on a tiny random model and write images and masks")
-    demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"))
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--model", default="sd15", choices=["sd15", "flux", "flux-ip", "flux-kontext", "flux-redux"],
-                      help="tiny SD 1.5 with IP-Adapter, tiny FLUX with OminiControl, tiny FLUX.1 with XLabs' "
-                           "IP-Adapter, Kontext or Redux (default: sd15)")
+    demo.add_argument("--out", type=Path, default=Path("conceptrol-demo"),
+                      help="output folder (default: conceptrol-demo); earlier files are never overwritten")
+    demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--model", default="tiny-sd15", choices=[*TINY_MODELS, *DEMO_SHORT_NAMES],
+                      help="tiny-sd15: SD 1.5 with IP-Adapter; tiny-flux: FLUX.1 with OminiControl; tiny-flux-ip, "
+                           "tiny-flux-kontext, tiny-flux-redux: FLUX.1 with XLabs' IP-Adapter, Kontext or Redux; all "
+                           "tiny, random, offline (sd15, flux, ... without 'tiny-' also work) (default: tiny-sd15)")
     _ui_parser(commands)
     _comfyui_parser(commands)
     return parser
@@ -120,21 +135,24 @@ def _comfyui_parser(commands: argparse._SubParsersAction) -> None:
     actions = comfyui.add_subparsers(dest="comfyui_command", required=True, parser_class=OneLineParser)
     install = actions.add_parser("install", help="make a ComfyUI folder load the Conceptrol nodes (writes a small "
                                                  "loader into its custom_nodes/; run again to check)")
-    install.add_argument("path", type=Path, help="the ComfyUI folder (the one holding main.py and custom_nodes/)")
+    install.add_argument("path", type=Path, help="the ComfyUI folder (the one holding main.py, comfy/ and custom_nodes/)")
 
 
 def _ui_parser(commands: argparse._SubParsersAction) -> None:
     ui = commands.add_parser("ui", help="start the local web UI (vanilla vs Conceptrol side by side)")
-    ui.add_argument("--model", action="append", help="a model of the menu: sd15, sdxl, flux, flux-dev, a hub id or a "
-                                                     "local folder (repeatable; default: sd15, sdxl and flux)")
+    ui.add_argument("--model", action="append", help="a model of the menu: sd15, sdxl, flux, flux-dev, flux-kontext, a "
+                    "hub id, a local folder or a tiny model (repeatable; default: sd15, sdxl and flux)")
+    ui.add_argument("--adapter", help=f"{ADAPTER_HELP}; for every model of the menu (default: each model's own)")
+    ui.add_argument("--adapter-repo", action="append", help=f"{ADAPTER_REPO_HELP}; repeatable: each model of the menu "
+                    "takes the one that holds its adapter")
     ui.add_argument("--demo", action="store_true", help="offline: tiny random models, nothing downloaded")
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
     ui.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     ui.add_argument("--max-file-size", default="25mb", help="largest upload accepted (default: 25mb)")
-    ui.add_argument("--device", default="auto")
-    ui.add_argument("--dtype", default="auto")
-    ui.add_argument("--ip-adapter-repo", help="hub id or local copy of h94/IP-Adapter")
-    ui.add_argument("--ominicontrol-repo", help="hub id or local copy of Yuanshi/OminiControl")
+    ui.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ui.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    ui.add_argument("--ip-adapter-repo", help="deprecated: use --adapter-repo")
+    ui.add_argument("--ominicontrol-repo", help="deprecated: use --adapter-repo")
 
 
 def _fields(args: argparse.Namespace) -> dict:
@@ -149,8 +167,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     checked = check_generation(settings)
     _no_bars_in_logs()
-    for path in generate(settings, checked=checked).files:
+    for path in generate(settings, checked=checked, on_step=None if sys.stderr.isatty() else _step_lines).files:
         print(path)
+
+
+def _step_lines(done: int, total: int) -> None:
+    """Progress for logs (stderr is not a terminal): a plain line every tenth of the steps, not a redrawn bar."""
+    if done == total or done % max(1, total // 10) == 0:
+        print(f"generating: step {done}/{total}", file=sys.stderr, flush=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -159,7 +183,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     fields = _fields(args)
     settings = EvaluateSettings(**fields | {
         "method": tuple(args.method or ()), "scale": tuple(args.scale or ()),
-        "seeds": tuple(args.seeds)})
+        "seeds": tuple(args.seeds or (0,))})
     from .eval.evaluate import evaluate
 
     summary = evaluate(settings, before_loading=_no_bars_in_logs)
@@ -183,25 +207,26 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """The demo on a tiny model (`sd15` and the other short names are the same as `tiny-sd15`, ...)."""
     from .app.settings import check_seed, check_steps
 
     check_steps(args.steps)
     check_seed(args.seed)
     from .app.offline_demo import run_offline_demo
 
-    for path in run_offline_demo(args.out, steps=args.steps, seed=args.seed, model=args.model):
+    model = args.model.removeprefix("tiny-")
+    for path in run_offline_demo(args.out, steps=args.steps, seed=args.seed, model=model):
         print(path)
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    if args.demo and args.model:
-        raise ConceptrolError("--demo uses its own tiny models; leave out --model")
     try:
         from .demo import UIOptions
         from .demo import main as launch_ui
     except ImportError as error:
         raise ConceptrolError(str(error)) from None
-    launch_ui(UIOptions(**_fields(args) | {"model": tuple(args.model or UIOptions.model)}))
+    launch_ui(UIOptions(**_fields(args) | {"model": tuple(args.model or UIOptions.model),
+                                          "adapter_repo": tuple(args.adapter_repo or ())}))
 
 
 def cmd_comfyui(args: argparse.Namespace) -> None:

@@ -6,7 +6,6 @@ torch and diffusers are imported where a pipeline is loaded or run, so the check
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,12 +16,19 @@ from ..core.concepts import Concept
 from ..core.config import ConceptrolConfig
 from ..core.errors import ConceptrolError
 from ..core.images import load_reference_image
-from .outputs import free_suffix, safe_name, with_suffix, write_new_png, write_new_text
-from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource
+from .outputs import (
+    check_output_dir,
+    free_suffix,
+    make_output_dir,
+    safe_name,
+    with_suffix,
+    write_new_png,
+    write_new_text,
+)
+from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource, resolved_values, tiny_profile
 
 __all__ = ["NEGATIVE_PROMPT", "PAPER_DEMO", "GenerateResult", "GenerateSettings", "ModelSource", "generate",
            "pipeline_for", "run_conceptrol", "safe_name"]
-FLUX_CONDITION_SIZE = 512  # the subject_512 LoRA's resolution
 
 
 @dataclass
@@ -33,24 +39,13 @@ class GenerateResult:
     files: list[Path] = field(default_factory=list)
 
 
-def prepare_output_dir(out: Path) -> Path:
-    """Create the output folder and prove it is writable, before any model is loaded."""
-    out = Path(out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ConceptrolError(f"cannot write to output folder {out} ({error.strerror or error}); pass a writable --out") from None
-    return out
-
-
 @dataclass
 class Checked:
     """What `check_generation` found: the output folder and the reference images, read and checked."""
 
     out: Path
     references: list[Image.Image]
+    pipe: Any = None  # a tiny offline model, built by the checks (cheap), else None: loaded after them
 
 
 def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
@@ -59,11 +54,13 @@ def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
     not apply, the hub (one quick request), the device."""
     from .preflight import check_adapter_source, check_settings, info_from_pipeline, info_from_source
 
-    out = prepare_output_dir(settings.out)
+    out = check_output_dir(settings.out)
     references = [load_reference_image(path) for path in settings.image]
+    if pipe is None and tiny_profile(settings.model):
+        pipe = tiny_model(settings)
     if pipe is not None:
         check_settings(settings, info_from_pipeline(pipe), check_adapter=False)
-        return Checked(out, references)
+        return Checked(out, references, pipe)
     info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
     check_settings(settings, info)
     check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
@@ -73,14 +70,20 @@ def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
     return Checked(out, references)
 
 
-def generate(settings: GenerateSettings, pipe: Any = None, checked: Checked | None = None) -> GenerateResult:
+def generate(settings: GenerateSettings, pipe: Any = None, checked: Checked | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
     """Generate with Conceptrol and save images (and mask overlays) into `settings.out`, never over earlier files.
 
     `check_generation` runs first (pass its result as `checked` if you ran it already), so mistakes are found
-    before the pipeline loads; `pipe` is loaded from the settings when not given.
+    before the pipeline loads; `pipe` is loaded from the settings when not given. `on_step(done, total)` is called
+    after every denoising step; a pipeline loaded here then shows no progress bar of its own.
     """
     checked = checked or check_generation(settings, pipe)
-    result = run_conceptrol(pipe if pipe is not None else pipeline_for(settings), settings, checked.references)
+    if pipe is None:
+        pipe = checked.pipe if checked.pipe is not None else pipeline_for(settings)
+        if on_step is not None:
+            pipe.set_progress_bar_config(disable=True)
+    result = run_conceptrol(pipe, settings, checked.references, on_step)
     result.files = save_result(result, settings, checked.out)
     return result
 
@@ -89,9 +92,27 @@ def pipeline_for(settings: ModelSource | GenerateSettings, flags: dict[str, str]
     """The pipeline and adapter the settings name, on their device and dtype (`flags`: see load_pipeline)."""
     from .loading import load_pipeline, pick_device, pick_dtype
 
+    if tiny_profile(settings.model):
+        return tiny_model(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, settings.model)
     return load_pipeline(settings.model, settings.adapter, settings.adapter_repo, device, dtype, flags)
+
+
+def tiny_model(settings: ModelSource | GenerateSettings) -> Any:
+    """The tiny offline model `settings.model` names, on the settings' device and dtype; flags that choose real
+    weights are refused (a tiny model carries its own random adapter)."""
+    from .loading import PROFILE_ADAPTERS, pick_device, pick_dtype, tiny_pipeline
+
+    profile = tiny_profile(settings.model)
+    adapter = PROFILE_ADAPTERS[profile]
+    if settings.adapter not in (None, adapter):
+        raise ConceptrolError(f"--model {settings.model} carries the adapter {adapter!r}; leave out --adapter "
+                              f"{settings.adapter} (or pick a real model)")
+    if settings.adapter_repo is not None:
+        raise ConceptrolError(f"--model {settings.model} carries its own random adapter; leave out --adapter-repo")
+    device = pick_device(settings.device)
+    return tiny_pipeline(profile).to(device, pick_dtype(settings.dtype, device, settings.model))
 
 
 def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image.Image],
@@ -121,7 +142,7 @@ def run_conceptrol(pipe: Any, settings: GenerateSettings, references: list[Image
         handle.remove()
     images = list(output.images)
     values |= {"concept_layer": handle.config.concept_layer, "size": f"{images[0].width}x{images[0].height}"}
-    return GenerateResult(images=images, masks=handle.masks, parameters=_parameters(settings, values))
+    return GenerateResult(images=images, masks=handle.masks, parameters=_parameters(settings, values, pipe))
 
 
 def _call(handle: Any, profile: str, settings: GenerateSettings, references: list[Image.Image],
@@ -157,34 +178,43 @@ def fit_longer_side(image: Image.Image, size: int, multiple: int) -> Image.Image
     return image.resize((width, height), Image.BICUBIC)
 
 
-def resolved_values(settings: GenerateSettings, profile: str) -> dict[str, Any]:
-    """The settings that default per model and adapter (settings.PAPER_DEMO), filled in."""
-    demo = PAPER_DEMO[profile]
-    flux = profile.startswith("flux")
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return {"architecture": profile, "scale": pick(settings.scale, demo["scale"]),
-            "start": pick(settings.start, demo["start"]), "steps": pick(settings.steps, demo["steps"]),
-            "guidance": pick(settings.guidance, demo["guidance"]),
-            "negative_prompt": None if flux else pick(settings.negative_prompt, NEGATIVE_PROMPT),
-            "condition_size": {"flux": pick(settings.condition_size, FLUX_CONDITION_SIZE),
-                               "flux-kontext": settings.condition_size}.get(profile)}
-
-
-def _parameters(settings: GenerateSettings, values: dict[str, Any]) -> dict[str, Any]:
-    """What a result file records about how it was made (PNG text chunk and sidecar JSON)."""
+def _parameters(settings: GenerateSettings, values: dict[str, Any], pipe: Any) -> dict[str, Any]:
+    """What a result file records about how it was made (PNG text chunks and sidecar JSON): enough to make it again."""
     import diffusers
 
     from .. import __version__
 
     concepts = [concept.text if isinstance(concept, Concept) else concept for concept in settings.concept]
     occurrences = [concept.occurrence if isinstance(concept, Concept) else 0 for concept in settings.concept]
-    parameters = {"prompt": settings.prompt, "concepts": [str(c) for c in concepts], "model": settings.model,
-                  "adapter": settings.adapter, "masking": settings.masking, "end": settings.end, "seed": settings.seed,
+    parameters = {"prompt": settings.prompt, "concepts": [str(c) for c in concepts], "model": _absolute(settings.model),
+                  "masking": settings.masking, "end": settings.end, "seed": settings.seed,
+                  "num_images": settings.num_images,
                   "references": [str(Path(p).expanduser().resolve()) for p in settings.image],
-                  "dtype": settings.dtype, "conceptrol": __version__, "diffusers": diffusers.__version__}
+                  "conceptrol": __version__, "diffusers": diffusers.__version__}
+    parameters |= _pipeline_facts(pipe, settings, values["architecture"])
     if any(occurrences):
         parameters["occurrences"] = occurrences
     return parameters | {key: value for key, value in values.items() if value is not None}
+
+
+def _pipeline_facts(pipe: Any, settings: GenerateSettings, profile: str) -> dict[str, Any]:
+    """The adapter and its repository, the dtype and the device the call really ran with (defaults resolved)."""
+    from .loading import ADAPTERS, PROFILE_ADAPTERS, dtype_name, pipeline_family
+
+    denoiser = getattr(pipe, "pipe", pipe)
+    adapter = settings.adapter or PROFILE_ADAPTERS[profile]
+    weights = ADAPTERS[pipeline_family(pipe)].get(adapter)
+    repo = _absolute(settings.adapter_repo) if settings.adapter_repo else (weights.repo if weights else None) or None
+    if tiny_profile(settings.model):
+        repo = None  # a tiny model's adapter is random, from no repository
+    return {"adapter": adapter, "adapter_repo": repo, "dtype": dtype_name(denoiser.dtype),
+            "device": str(denoiser._execution_device)}
+
+
+def _absolute(source: str) -> str:
+    """A local folder as an absolute path; a preset or hub id as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() else source
 
 
 def _step_reporter(on_step: Callable[[int, int], None], total: int) -> Callable[..., dict]:
@@ -209,6 +239,7 @@ def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -
         if settings.save_masks and result.masks is not None:
             planned += [(f"{stem}-mask{j}-{safe_name(str(label))}.png", ("mask", j), index)
                         for j, label in enumerate(result.parameters.get("concepts", settings.concept))]
+    make_output_dir(out)
     suffix = free_suffix(out, [name for name, _, _ in planned])
     files = []
     for name, kind, index in planned:

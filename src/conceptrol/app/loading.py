@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import ConceptrolError
-from .settings import check_device_name, check_dtype
+from .settings import TINY_MODELS, check_device_name, check_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +59,9 @@ ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
     "flux-kontext": {"kontext": AdapterWeights("", "", "", "", "kontext")},  # the reference goes in the sequence
 }
 DEFAULT_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject", "flux-kontext": "kontext"}
+# The adapter each profile runs when none is named (a loaded pipeline's profile says which one it carries).
+PROFILE_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject", "flux-ip": "xlabs-ip", "flux-kontext": "kontext",
+                    "flux-redux": "redux"}
 # What each adapter makes of a FLUX model: the profile that picks the front-ends' defaults (settings.PAPER_DEMO).
 FLUX_PROFILES = {"ominicontrol": "flux", "xlabs-ip": "flux-ip", "redux": "flux-redux", "kontext": "flux-kontext"}
 
@@ -76,13 +80,19 @@ class ReduxPipelines:
     pipe: Any
     prior: Any
 
-    def to(self, device: Any) -> ReduxPipelines:
-        self.pipe.to(device)
-        self.prior.to(device)
+    def to(self, *args: Any, **kwargs: Any) -> ReduxPipelines:
+        """Both pipelines to a device (and dtype), as DiffusionPipeline.to takes them."""
+        self.pipe.to(*args, **kwargs)
+        self.prior.to(*args, **kwargs)
         return self
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self.pipe.set_progress_bar_config(**kwargs)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32, fp16 or bf16: the --dtype value that names a torch dtype."""
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(dtype).removeprefix("torch.")]
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -91,6 +101,11 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def looks_local(text: str) -> bool:
     """A path rather than a hub id: starts with '.', '/' or '~', uses backslashes, or has more than one '/'."""
     return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+
+
+def _inside_a_folder(path: Path) -> bool:
+    """`owner/name` that is no folder, but whose `owner` is one here: a mistyped local path, not a hub id."""
+    return len(path.parts) > 1 and path.parent.is_dir() and str(path.parent) not in (".", "/")
 
 
 def resolve_model(model: str, flag: str = "--model") -> str:
@@ -103,10 +118,10 @@ def resolve_model(model: str, flag: str = "--model") -> str:
             raise ConceptrolError(f"{flag} {model}: {path} is not a diffusers pipeline folder (it has no model_index.json); "
                                   f"pass the folder that `hf download <model> --local-dir DIR` wrote")
         return str(path)
-    if looks_local(model):
+    if looks_local(model) or _inside_a_folder(path):
         raise ConceptrolError(f"{flag} {model}: no such folder")
     if "/" not in model or not HUB_ID.fullmatch(model):
-        close = difflib.get_close_matches(model.lower(), list(MODEL_PRESETS), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(model.lower(), [*MODEL_PRESETS, *TINY_MODELS], n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"use a preset ({', '.join(MODEL_PRESETS)}), a hub id (owner/name) or a folder"
         raise ConceptrolError(f"{flag} {model!r} is not a preset, a hub id or an existing folder; {hint}")
     return model
@@ -119,6 +134,8 @@ def resolve_repo(repo: str, flag: str = "--adapter-repo", example: str = "h94/IP
         if not path.is_dir():
             raise ConceptrolError(f"{flag} {repo}: {path} is a file; pass the folder holding the repository")
         return str(path)
+    if _inside_a_folder(path):
+        raise ConceptrolError(f"{flag} {repo}: no such folder in {path.parent}")
     if looks_local(repo) or "/" not in repo or not HUB_ID.fullmatch(repo):
         raise ConceptrolError(f"{flag} {repo}: no such folder (hub ids look like owner/name, e.g. {example})")
     return repo
@@ -271,3 +288,31 @@ def _fetch(what: str, source: str, flag: str, load: Callable[[], Any]) -> Any:
                 f"if the Hugging Face Hub is unreachable from here, download it where it is "
                 f"(`hf download {source} --local-dir DIR`) and pass {flag} DIR")
         raise ConceptrolError(f"could not load {what} from {source!r}: {reason}; {hint}") from None
+
+
+def tiny_pipeline(model: str = "sd15", seed: int = 0):
+    """A tiny random pipeline with its adapter, for a tiny model's profile (sd15, flux, flux-ip, ...); Redux as
+    ReduxPipelines."""
+    from ..tiny import load_tiny_ip_adapter, tiny_ominicontrol, tiny_sd15_pipeline
+
+    if model == "flux":
+        return tiny_ominicontrol(seed=seed)
+    if model.startswith("flux-"):
+        return _tiny_flux1(model, seed)
+    pipe = tiny_sd15_pipeline(seed=seed)
+    with tempfile.TemporaryDirectory(prefix="conceptrol-demo-") as scratch:
+        load_tiny_ip_adapter(pipe, "plus", seed=seed, folder=Path(scratch))
+    return pipe
+
+
+def _tiny_flux1(model: str, seed: int):
+    from ..tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
+
+    if model == "flux-kontext":
+        return tiny_kontext(seed=seed)
+    pipe = tiny_flux(seed=seed, guidance=True)
+    if model == "flux-redux":
+        return ReduxPipelines(pipe, tiny_redux_prior(seed=seed))
+    with tempfile.TemporaryDirectory(prefix="conceptrol-demo-") as scratch:
+        load_tiny_xlabs_ip_adapter(pipe, Path(scratch), seed=seed)
+    return pipe

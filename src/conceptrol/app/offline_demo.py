@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .generate import GenerateSettings, generate, prepare_output_dir
-from .outputs import free_suffix, with_suffix, write_new_png, write_new_text
+from .generate import GenerateSettings, generate
+from .loading import tiny_pipeline
+from .outputs import free_suffix, prepare_output_dir, with_suffix, write_new_png, write_new_text
 
 DEMO_PROMPT = "a photo of a dog surfing a wave"
 NOTE = """This folder was written by `conceptrol demo{model_flag}`.
@@ -40,8 +40,7 @@ FLUX1 = "a tiny FLUX.1 pipeline (CLIP + T5 encoders, VAE, FLUX.1's 19 + 38 trans
 MODELS = {  # model -> (what the demo runs, the baseline it compares with)
     "sd15": ("a tiny Stable Diffusion 1.5-layout pipeline with a random IP-Adapter Plus checkpoint loaded "
              "through pipe.load_ip_adapter()", "vanilla IP-Adapter, scale 0.6, no warm-up"),
-    "flux": ("a tiny FLUX pipeline (CLIP + T5 encoders, VAE, 2+2 transformer blocks) with a random "
-             "OminiControl-style subject LoRA", "plain OminiControl"),
+    "flux": (f"{FLUX1} with a random OminiControl-style subject LoRA", "plain OminiControl"),
     "flux-ip": (f"{FLUX1} with a random IP-Adapter in XLabs' file format loaded through pipe.load_ip_adapter()",
                 "the stock XLabs IP-Adapter"),
     "flux-kontext": (f"{FLUX1} as a FluxKontextPipeline", "stock FLUX.1 Kontext"),
@@ -61,7 +60,6 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
         prompt=DEMO_PROMPT, concept=("dog",), image=(reference,), steps=steps, seed=seed, size=(width, height),
         scale=1.0, start=0.2, out=out, save_masks=True, device="cpu", dtype="fp32", model=f"tiny-{model}",
         condition_size=32 if model in ("flux", "flux-kontext") else None,  # the reference at the tiny models' scale
-        concept_layer="transformer_blocks.1" if model == "flux" else None,  # the tiny OminiControl has 2 double blocks
     )
     pipe = tiny_pipeline(model, seed)
     ours = generate(settings, pipe).files
@@ -76,31 +74,3 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
                                       model_text=model_text, model_flag="" if model == "sd15" else f" --model {model}"),
                           out / with_suffix("NOTE.txt", suffix))
     return [reference, *ours, *theirs, note]
-
-
-def tiny_pipeline(model: str = "sd15", seed: int = 0):
-    """The demo's tiny random pipeline with its adapter (one of TINY_MODELS); Redux as ReduxPipelines."""
-    from ..tiny import load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline
-
-    if model == "flux":
-        return tiny_flux_pipeline(seed=seed)
-    if model.startswith("flux-"):
-        return _tiny_flux1(model, seed)
-    pipe = tiny_sd15_pipeline(seed=seed)
-    with tempfile.TemporaryDirectory(prefix="conceptrol-demo-") as scratch:
-        load_tiny_ip_adapter(pipe, "plus", seed=seed, folder=Path(scratch))
-    return pipe
-
-
-def _tiny_flux1(model: str, seed: int):
-    from ..tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior
-    from .loading import ReduxPipelines
-
-    if model == "flux-kontext":
-        return tiny_kontext(seed=seed)
-    pipe = tiny_flux(seed=seed, guidance=True)
-    if model == "flux-redux":
-        return ReduxPipelines(pipe, tiny_redux_prior(seed=seed))
-    with tempfile.TemporaryDirectory(prefix="conceptrol-demo-") as scratch:
-        load_tiny_xlabs_ip_adapter(pipe, Path(scratch), seed=seed)
-    return pipe

@@ -15,6 +15,37 @@ from PIL.PngImagePlugin import PngInfo
 from ..core.errors import ConceptrolError
 
 
+def check_output_dir(out: Path) -> Path:
+    """Prove the output folder can be written without creating it: the folder itself if it exists, else the nearest
+    folder above it (a test file is created there and removed). Nothing is left behind when a later check fails."""
+    out = Path(out).expanduser()
+    existing = next(folder for folder in (out, *out.parents) if folder.exists() or folder == folder.parent)
+    if not existing.is_dir():
+        raise ConceptrolError(f"cannot write to output folder {out}: {existing} is a file; pass another --out")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".conceptrol-write-test-"):
+            pass
+    except OSError as error:
+        where = "" if existing == out else f" (creating it in {existing})"
+        raise ConceptrolError(f"cannot write to output folder {out}{where}: {error.strerror or error}; pass a "
+                              "writable --out") from None
+    return out
+
+
+def make_output_dir(out: Path) -> Path:
+    """Create the output folder (and the folders above it) when results are about to be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConceptrolError(f"cannot create output folder {out} ({error.strerror or error}); pass a writable --out") from None
+    return out
+
+
+def prepare_output_dir(out: Path) -> Path:
+    """Check, then create the output folder: for runs that write as soon as their checks have passed."""
+    return make_output_dir(check_output_dir(out))
+
+
 def safe_name(text: str) -> str:
     """A file-name fragment of letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
@@ -36,11 +67,32 @@ def with_suffix(name: str, suffix: str) -> str:
 
 
 def png_info(parameters: dict[str, Any]) -> PngInfo:
-    """PNG text chunks: 'parameters' (one readable line per setting, as image tools show it) and 'conceptrol' (JSON)."""
+    """PNG text chunks: 'parameters' (AUTOMATIC1111's format, which image tools read) and 'conceptrol' (all, JSON)."""
     info = PngInfo()
-    info.add_text("parameters", "\n".join(f"{key}: {value}" for key, value in parameters.items()))
+    info.add_text("parameters", infotext(parameters))
     info.add_text("conceptrol", json.dumps(parameters, sort_keys=True))
     return info
+
+
+def infotext(parameters: dict[str, Any]) -> str:
+    """The settings as AUTOMATIC1111 writes them: the prompt, `Negative prompt: ...`, then one `Key: value, ...` line."""
+    get = parameters.get
+    guidance = "Distilled CFG Scale" if str(get("architecture", "")).startswith("flux") else "CFG scale"
+    concepts = [f"{c}@{n + 1}" if n else str(c) for c, n in zip(get("concepts", []), get("occurrences") or [0] * 99)]
+    fields = {"Steps": get("steps"), guidance: get("guidance"), "Seed": get("seed"), "Size": get("size"),
+              "Model": get("model"), "Conceptrol concepts": ", ".join(concepts) or None,
+              "Conceptrol mask of": get("mask_of"), "Conceptrol masking": get("masking"),
+              "Conceptrol scale": get("scale"), "Conceptrol window": f"{get('start', 0):g}-{get('end', 1):g}",
+              "Conceptrol layer": get("concept_layer"), "Conceptrol adapter": get("adapter"),
+              "Version": f"conceptrol {get('conceptrol')}" if get("conceptrol") else None}
+    lines = [str(get("prompt", ""))] + ([f"Negative prompt: {get('negative_prompt')}"] if get("negative_prompt") else [])
+    return "\n".join([*lines, ", ".join(f"{key}: {_quoted(value)}" for key, value in fields.items() if value is not None)])
+
+
+def _quoted(value: Any) -> str:
+    """A value as AUTOMATIC1111 quotes it: JSON-quoted when it holds a comma, a colon or a line break."""
+    text = str(value)
+    return json.dumps(text) if any(mark in text for mark in ",:\n") else text
 
 
 def write_new_png(image: Image.Image, path: Path, parameters: dict[str, Any] | None = None) -> Path:

@@ -17,7 +17,7 @@ from ..core.concepts import Concept, resolve_concepts
 from ..core.config import CONCEPT_LAYERS, normalize_layer_name
 from ..core.errors import ConceptrolError
 from .loading import DEFAULT_ADAPTERS, adapter_weights, profile_for, resolve_model, resolve_repo, xlabs_image_encoder
-from .settings import GenerateSettings, check_size
+from .settings import GenerateSettings, check_resolved_window, check_size
 
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length; concept spans must lie inside it
 
@@ -115,7 +115,9 @@ def check_model_options(settings: GenerateSettings, info: ModelInfo, check_adapt
     family = info.adapter_family
     if check_adapter:
         adapter_weights(family, settings.adapter or DEFAULT_ADAPTERS[family])
-    _check_options(settings, info.profile(settings.adapter), info)
+    profile = info.profile(settings.adapter)
+    _check_options(settings, profile, info)
+    check_resolved_window(settings, profile)
     check_size(settings.size, info.pixel_multiple)
     if settings.concept_layer is not None and info.layers is not None:
         check_layer(settings.concept_layer, info.layers, flux)

@@ -11,8 +11,10 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from ..core.config import check_window
+from ..core.concepts import Concept
+from ..core.config import check_fraction, check_window, check_window_steps
 from ..core.errors import ConceptrolError
 
 NEGATIVE_PROMPT = "deformed, ugly, wrong proportion, low res, bad anatomy, worst quality, low quality"
@@ -27,12 +29,36 @@ PAPER_DEMO = {
     "flux-kontext": dict(scale=1.0, start=0.0, steps=28, guidance=2.5),  # FLUX.1 Kontext [dev]
     "flux-redux": dict(scale=1.0, start=0.0, steps=28, guidance=2.5),  # FLUX.1 Redux [dev] on FLUX.1-dev
 }
+PROFILE_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "OminiControl", "flux-ip": "XLabs' IP-Adapter",
+                 "flux-kontext": "FLUX.1 Kontext", "flux-redux": "FLUX.1 Redux"}
+# The offline models with random weights (demo, tests): name -> the profile it runs; `tiny` is tiny-sd15.
+TINY_MODELS = {"tiny-sd15": "sd15", "tiny-flux": "flux", "tiny-flux-ip": "flux-ip", "tiny-flux-kontext": "flux-kontext",
+               "tiny-flux-redux": "flux-redux"}
+TINY_ALIASES = {"tiny": "tiny-sd15"}
+FLUX_CONDITION_SIZE = 512  # the subject_512 LoRA's resolution
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000  # the schedulers' training timesteps: more steps cannot be taken
 MAX_SIDE = 4096  # pixels; far beyond what SD 1.5, SDXL or FLUX.1 were trained for
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "metal": "mps", "apple": "mps"}
+
+
+def tiny_profile(model: str) -> str | None:
+    """The profile a tiny offline model runs (sd15, flux, flux-ip, ...), or None when `model` names another model."""
+    return TINY_MODELS.get(TINY_ALIASES.get(model, model))
+
+
+def parse_concept(value: object) -> object:
+    """`dog@2` is the second whole-word 'dog' of the prompt (Concept('dog', occurrence=1)); other values stay."""
+    match = re.fullmatch(r"(.*\S)\s*@\s*(\d+)", value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    text, number = match[1], int(match[2])
+    if number < 1:
+        raise ConceptrolError(f"concept {value!r}: occurrences count from 1 ({text}@2 is the second {text!r} of the "
+                              "prompt)")
+    return Concept(text, occurrence=number - 1)
 
 
 def check_number(name: str, value: float | None, minimum: float = 0.0) -> None:
@@ -139,6 +165,7 @@ class GenerateSettings:
                 f"got {len(self.concept)} concept(s) for {len(self.image)} reference image(s); "
                 "pass one --concept per --image, in the same order"
             )
+        object.__setattr__(self, "concept", tuple(parse_concept(concept) for concept in self.concept))
         for concept in self.concept:
             if isinstance(concept, str) and not re.search(r"\w", concept):
                 raise ConceptrolError(f"concept {concept!r} has no word in it; pass the prompt's word for the subject")
@@ -149,7 +176,9 @@ class GenerateSettings:
                                   "leave out --save-masks or use --masking global")
         for name in ("scale", "guidance"):
             check_number(name, getattr(self, name))
-        check_window(0.0 if self.start is None else self.start, self.end)
+        check_fraction("end", self.end)
+        if self.start is not None:  # the default start depends on the model: checked with it (check_resolved_window)
+            check_window(self.start, self.end)
         check_steps(self.steps)
         check_seed(self.seed)
         check_size(self.size)
@@ -166,3 +195,27 @@ class GenerateSettings:
     def replace(self, **changes: object) -> GenerateSettings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return GenerateSettings(**values | changes)
+
+
+def resolved_values(settings: GenerateSettings, profile: str) -> dict[str, Any]:
+    """The settings that default per model and adapter (settings.PAPER_DEMO), filled in."""
+    demo = PAPER_DEMO[profile]
+    flux = profile.startswith("flux")
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return {"architecture": profile, "scale": pick(settings.scale, demo["scale"]),
+            "start": pick(settings.start, demo["start"]), "steps": pick(settings.steps, demo["steps"]),
+            "guidance": pick(settings.guidance, demo["guidance"]),
+            "negative_prompt": None if flux else pick(settings.negative_prompt, NEGATIVE_PROMPT),
+            "condition_size": {"flux": pick(settings.condition_size, FLUX_CONDITION_SIZE),
+                               "flux-kontext": settings.condition_size}.get(profile)}
+
+
+def check_resolved_window(settings: GenerateSettings, profile: str) -> None:
+    """The window with the model's default start filled in holds some of the steps it will run (else it never acts)."""
+    values = resolved_values(settings, profile)
+    start = values["start"]
+    if settings.start is None and start >= settings.end:
+        raise ConceptrolError(f"start ({start:g}, the default for {PROFILE_NAMES[profile]}) must be smaller than end "
+                              f"({settings.end:g}): the adapter would never act; pass a smaller --start or a larger --end")
+    check_window(start, settings.end)
+    check_window_steps(start, settings.end, values["steps"])

@@ -7,20 +7,28 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 
 from ..app.settings import check_device_name, check_dtype
-from ..core.errors import ConceptrolError
+from ..core.errors import ConceptrolError, ConceptrolWarning
 from .app import CSS, MAX_REFERENCES, build_demo, request_from_api, request_from_inputs
-from .backend import DEMO_CHOICES, CompareRequest, Comparison, LocalBackend, ModelChoice, compare, model_choice
+from .backend import (
+    DEMO_CHOICES,
+    CompareRequest,
+    Comparison,
+    LocalBackend,
+    ModelChoice,
+    compare,
+    model_choice,
+    with_adapter_repos,
+)
 
 __all__ = ["CompareRequest", "Comparison", "LocalBackend", "MAX_REFERENCES", "ModelChoice", "UIOptions", "build_demo",
            "check_can_serve", "compare", "main", "model_choice", "parse_file_size", "request_from_api",
            "request_from_inputs"]
-logger = logging.getLogger(__name__)
 DEMO_NOTE = ("**Offline demo:** the models are tiny and have random weights, so the pictures are noise-like; "
              "the page shows that the whole path runs. Start `conceptrol ui` without `--demo` for real models.")
 FILE_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?b)?", re.IGNORECASE)  # 25mb, 1.5 GB, 20000 (bytes)
@@ -39,8 +47,10 @@ class UIOptions:
     max_file_size: str = "25mb"  # uploads above this are refused: 25mb, 500kb, 1.5gb, or a number of bytes
     device: str = "auto"
     dtype: str = "auto"
-    ip_adapter_repo: str | None = None  # hub id or local copy of h94/IP-Adapter
-    ominicontrol_repo: str | None = None  # hub id or local copy of Yuanshi/OminiControl
+    adapter: str | None = None  # the adapter of every model in the menu (None: each model's default)
+    adapter_repo: tuple[str, ...] = ()  # local copies (or hub ids) of adapter repositories; each model takes its own
+    ip_adapter_repo: str | None = None  # deprecated: an --adapter-repo (h94/IP-Adapter)
+    ominicontrol_repo: str | None = None  # deprecated: an --adapter-repo (Yuanshi/OminiControl)
 
     def __post_init__(self) -> None:
         if not self.host.strip():
@@ -52,6 +62,23 @@ class UIOptions:
         parse_file_size(self.max_file_size)
         check_device_name(self.device, "--device")
         check_dtype(self.dtype, "--dtype")
+        chosen = [flag for flag, value in (("--model", self.model != UIOptions.model), ("--adapter", self.adapter),
+                                           ("--adapter-repo", self.adapter_repo), ("--ip-adapter-repo", self.ip_adapter_repo),
+                                           ("--ominicontrol-repo", self.ominicontrol_repo)) if value]
+        if self.demo and chosen:
+            raise ConceptrolError(f"--demo uses its own tiny models; leave out {chosen[0]}")
+
+    @property
+    def repos(self) -> tuple[str, ...]:
+        """Every adapter repository given, the deprecated flags' included."""
+        return (*self.adapter_repo, *(r for r in (self.ip_adapter_repo, self.ominicontrol_repo) if r))
+
+    def menu(self) -> list[ModelChoice]:
+        """The model menu, every model, adapter and repository checked (no weights, no hub)."""
+        if self.demo:
+            return list(DEMO_CHOICES)
+        choices = [model_choice(model, self.adapter) for model in dict.fromkeys(self.model)]
+        return with_adapter_repos(choices, self.repos)
 
 
 def parse_file_size(size: str | int) -> int:
@@ -114,14 +141,18 @@ def _check_device(device: str) -> None:
 def main(options: UIOptions) -> None:
     """Build the page and serve it until interrupted; a flag that cannot work fails here, before anything starts."""
     _check_device(options.device)
+    choices = options.menu()
     check_can_serve(options.host, options.port)
-    choices = list(DEMO_CHOICES) if options.demo else [model_choice(m) for m in dict.fromkeys(options.model)]
-    repos = {"sd15": options.ip_adapter_repo, "sdxl": options.ip_adapter_repo, "flux": options.ominicontrol_repo}
-    backend = LocalBackend(choices, options.device, options.dtype, {k: v for k, v in repos.items() if v})
+    for flag in ("ip_adapter_repo", "ominicontrol_repo"):
+        if getattr(options, flag):
+            warnings.warn(f"--{flag.replace('_', '-')} is deprecated; pass the same folder as --adapter-repo (each "
+                          "model of the menu takes the repository that holds its adapter)", ConceptrolWarning, stacklevel=2)
+    backend = LocalBackend(choices, options.device, options.dtype)
     demo = build_demo(backend, choices, note=DEMO_NOTE if options.demo else "")
     demo.queue(default_concurrency_limit=1, max_size=20)
     if not _is_loopback(options.host):
-        logger.warning("serving on %s: anyone who can reach this port can run models on this machine", options.host)
+        warnings.warn(f"serving on {options.host}: anyone who can reach this port can run models on this machine",
+                      ConceptrolWarning, stacklevel=2)
     try:
         _, url, _ = demo.launch(server_name=options.host, server_port=options.port,
                                 max_file_size=parse_file_size(options.max_file_size), ssr_mode=False, share=False,

@@ -137,7 +137,9 @@ def _wire(demo: gr.Blocks, generate_fn: GenerateFn, choices: Sequence[ModelChoic
     # The page's clicks name word positions of the prompt on the page; clients use /generate below instead.
     c["run"].click(on_generate, [*settings, *c["images"], *c["words"]], outputs, api_visibility="private", **queued)
     slots = [part for i in range(MAX_REFERENCES) for part in (c["images"][i], c["concepts"][i], c["occurrences"][i])]
-    gr.on([], _api_handler(run), [*settings, *slots], outputs, api_name="generate", **queued)  # API only
+    # The API's model is free text, checked by the backend (a dropdown would refuse an unknown one inside gradio)
+    api_model = gr.Textbox(value=choices[0].key, visible=False, label="Model (API)")
+    gr.on([], _api_handler(run), [api_model, *settings[1:], *slots], outputs, api_name="generate", **queued)  # API only
 
 
 Runner = Callable[[Callable[[], CompareRequest], Any], list[Any]]  # (how to build the request, progress) -> outputs

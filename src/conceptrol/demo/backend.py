@@ -13,15 +13,13 @@ import torch
 from PIL import Image
 
 from ..app.generate import PAPER_DEMO, GenerateSettings, run_conceptrol
-from ..app.loading import guess_family
+from ..app.loading import DEFAULT_ADAPTERS, adapter_weights, guess_family, profile_for, resolve_model, resolve_repo
 from ..app.settings import ModelSource
 from ..core.concepts import Concept
 from ..core.errors import ConceptrolError
 from ..core.images import load_reference_image
 
 Progress = Callable[[float, str], None]  # (fraction done, what is running)
-# `conceptrol ui` options that point at local copies, named in "could not load" messages.
-UI_FLAGS = {"model": "--model", "sd15": "--ip-adapter-repo", "sdxl": "--ip-adapter-repo", "flux": "--ominicontrol-repo"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,8 @@ class ModelChoice:
     steps: int | None = None  # None = the paper's demo steps for the architecture
     concept_layer: str | None = None  # None = the architecture's preset layer
     condition_size: int | None = None  # OminiControl: the reference's square (None = 512); Kontext: its longer side
+    adapter: str | None = None  # None = the family's default adapter
+    adapter_repo: str | None = None  # None = the adapter's own hub repository
 
     @property
     def tiny(self) -> bool:
@@ -56,7 +56,7 @@ PRESET_CHOICES = {
 DEMO_CHOICES = (  # offline, random weights: shows the whole path runs, not image quality
     ModelChoice("tiny-sd15", "tiny random SD 1.5 + IP-Adapter Plus (offline demo)", "sd15", (128, 96), steps=10),
     ModelChoice("tiny-flux", "tiny random FLUX + OminiControl LoRA (offline demo)", "flux", (128, 96), steps=8,
-                concept_layer="transformer_blocks.1", condition_size=32),
+                condition_size=32),
     ModelChoice("tiny-flux-ip", "tiny random FLUX.1 + XLabs IP-Adapter (offline demo)", "flux-ip", (128, 96), steps=8),
     ModelChoice("tiny-flux-kontext", "tiny random FLUX.1 Kontext (offline demo)", "flux-kontext", (128, 96), steps=8,
                 condition_size=32),
@@ -64,13 +64,71 @@ DEMO_CHOICES = (  # offline, random weights: shows the whole path runs, not imag
 )
 
 
-def model_choice(model: str) -> ModelChoice:
-    """The menu entry for a preset name, a hub id or a local folder."""
-    if model in PRESET_CHOICES:
-        return PRESET_CHOICES[model]
+def model_choice(model: str, adapter: str | None = None) -> ModelChoice:
+    """The menu entry for a preset name, a hub id, a local folder or a tiny model, with its adapter (None = default).
+
+    The model and adapter names are checked here, without the hub: a mistake is found when the UI starts.
+    """
+    tiny = {choice.key: choice for choice in DEMO_CHOICES}
+    if model in tiny:
+        if adapter is not None:
+            raise ConceptrolError(f"--model {model} carries its own random adapter; leave out --adapter")
+        return tiny[model]
+    resolve_model(model, "--model")
     family = guess_family(model)
+    default = DEFAULT_ADAPTERS[family]
+    try:
+        adapter_weights(family, adapter or default)
+    except ConceptrolError as error:
+        raise ConceptrolError(f"--adapter {adapter} does not fit --model {model}: {error}") from None
+    profile = profile_for(family, adapter)
+    base = PRESET_CHOICES.get(model)
+    if base is not None and adapter in (None, default):
+        return base
     size = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (512, 512), "flux-kontext": (1024, 1024)}[family]
-    return ModelChoice(model, model, family, size)
+    label = (base.label.split(" + ")[0] if base else model) + (f" + {adapter}" if adapter not in (None, default) else "")
+    steps = base.steps if base is not None and base.steps is not None else None
+    return ModelChoice(model, label, profile, base.size if base else size, steps, adapter=adapter)
+
+
+def with_adapter_repos(choices: list[ModelChoice], repos: tuple[str, ...]) -> list[ModelChoice]:
+    """Each menu entry with the --adapter-repo that holds its adapter (a local copy holds its weight file; a hub id
+    is its adapter's own repository); a repository that fits no entry, or two that fit one, is an error."""
+    taken: dict[str, str] = {}
+    for repo in repos:
+        source = resolve_repo(repo, "--adapter-repo")
+        fits = [choice.key for choice in choices if not choice.tiny and _holds(source, choice)]
+        if not fits:
+            wanted = "; ".join(f"{c.key}: {_adapter_file(c)}" for c in choices if not c.tiny)
+            raise ConceptrolError(f"--adapter-repo {repo} holds the adapter of no model in the menu ({wanted}); pass "
+                                  "the folder `hf download <the adapter's repository> --local-dir DIR` wrote")
+        for key in fits:
+            if key in taken:
+                raise ConceptrolError(f"--adapter-repo {taken[key]} and {repo} both hold the adapter of --model {key}; "
+                                      "pass one of them")
+            taken[key] = repo
+    return [replace(choice, adapter_repo=taken.get(choice.key)) for choice in choices]
+
+
+def _weights(choice: ModelChoice) -> Any:
+    family = guess_family(choice.key)
+    return adapter_weights(family, choice.adapter or DEFAULT_ADAPTERS[family])
+
+
+def _adapter_file(choice: ModelChoice) -> str:
+    weights = _weights(choice)
+    return str(Path(weights.subfolder) / weights.weight_name) if weights.weight_name else "built into the model"
+
+
+def _holds(source: str, choice: ModelChoice) -> bool:
+    """Whether the repository `source` (a folder or a hub id) is where `choice`'s adapter comes from."""
+    weights = _weights(choice)
+    if not weights.weight_name:  # Kontext: the reference goes in the model's own sequence
+        return False
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return (folder / weights.subfolder / weights.weight_name).is_file()
+    return source == weights.repo
 
 
 @dataclass(frozen=True)
@@ -115,7 +173,7 @@ def compare(pipe: Any, choice: ModelChoice, request: CompareRequest, references:
     began = time.perf_counter()
     settings = GenerateSettings(
         prompt=request.prompt, concept=request.concepts, image=request.references, model=choice.key,
-        scale=request.scale, start=request.start, steps=request.steps, seed=request.seed, size=request.size,
+        adapter=choice.adapter, adapter_repo=choice.adapter_repo, scale=request.scale, start=request.start, steps=request.steps, seed=request.seed, size=request.size,
         concept_layer=choice.concept_layer, condition_size=choice.condition_size,
     )
     total = 2 * request.steps
@@ -133,11 +191,9 @@ class LocalBackend:
     """The UI's `generate_fn`: loads the chosen model on first use, keeps one loaded, runs one request at a time."""
 
     def __init__(self, choices: list[ModelChoice] | tuple[ModelChoice, ...], device: str = "auto", dtype: str = "auto",
-                 adapter_repos: dict[str, str] | None = None,
                  loader: Callable[[ModelChoice], Any] | None = None) -> None:
         self.choices = {choice.key: choice for choice in choices}
         self.device, self.dtype = device, dtype
-        self.adapter_repos = adapter_repos or {}  # architecture -> hub id or local copy of the adapter repo
         self._load = loader or self._load_pipeline
         self._lock = threading.Lock()
         self.loaded: tuple[str, Any] | None = None  # (model key, pipeline)
@@ -170,12 +226,8 @@ class LocalBackend:
         return pipe
 
     def _load_pipeline(self, choice: ModelChoice) -> Any:
-        if choice.tiny:
-            from ..app.offline_demo import tiny_pipeline
-
-            return tiny_pipeline(choice.key.removeprefix("tiny-"))
         from ..app.generate import pipeline_for
 
-        source = ModelSource(model=choice.key, device=self.device, dtype=self.dtype,
-                             adapter_repo=self.adapter_repos.get(choice.architecture.split("-")[0]))
-        return pipeline_for(source, flags=UI_FLAGS)
+        source = ModelSource(model=choice.key, adapter=choice.adapter, adapter_repo=choice.adapter_repo,
+                             device="cpu" if choice.tiny else self.device, dtype="fp32" if choice.tiny else self.dtype)
+        return pipeline_for(source)

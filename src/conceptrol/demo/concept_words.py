@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 
-from ..core.concepts import Concept
+from ..core.concepts import Concept, closest_phrase
 from ..core.errors import ConceptrolError
 
 WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")  # letters/digits, inner apostrophes and dashes kept ("teddy-bear")
@@ -52,9 +51,8 @@ def concept_from_text(prompt: str, text: str, occurrence: int = 0) -> Concept:
     phrase, words = [w.lower() for w in typed], [w.lower() for w in prompt_words(prompt)]
     starts = [i for i in range(len(words) - len(phrase) + 1) if words[i : i + len(phrase)] == phrase]
     if not starts:
-        phrases = [" ".join(words[i : i + len(phrase)]) for i in range(len(words) - len(phrase) + 1)]
-        close = difflib.get_close_matches(" ".join(phrase), phrases, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else "give a word or phrase of the prompt"
+        close = closest_phrase(phrase, words)
+        hint = f"did you mean {close!r}?" if close else "give a word or phrase of the prompt"
         raise ConceptrolError(f"the concept {text!r} is not in the prompt {prompt!r}; {hint}")
     if not 0 <= occurrence < len(starts):
         raise ConceptrolError(f"the concept {text!r} appears {len(starts)} time(s) in the prompt, so occurrence "

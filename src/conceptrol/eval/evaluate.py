@@ -188,7 +188,7 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
 
 def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
     """Every check, in order of cost; the run folder and run.json are created here (not in a dry run)."""
-    from ..app.generate import prepare_output_dir
+    from ..app.outputs import prepare_output_dir
     from .runner import BASELINES, jobs_for, process_device, process_rank
 
     data = dreambench_plus_data(settings.benchmark) if settings.protocol else settings.benchmark

@@ -80,6 +80,13 @@ def tiny_flux(seed: int = 0, guidance: bool = False, **sizes) -> FluxPipeline:
     return FluxPipeline(**flux_components(seed, guidance=guidance, **sizes))
 
 
+def tiny_ominicontrol(seed: int = 0) -> FluxPipeline:
+    """A tiny FLUX.1-schnell-like pipeline (real 19 + 38 block layout) with a random OminiControl subject LoRA."""
+    pipe = tiny_flux(seed)
+    add_subject_lora(pipe.transformer)
+    return pipe
+
+
 def tiny_kontext(seed: int = 0, guidance: bool = True, **sizes) -> FluxKontextPipeline:
     """A tiny FLUX.1-Kontext pipeline (guidance-distilled, like the real one) on the same components."""
     return FluxKontextPipeline(**flux_components(seed, guidance=guidance, **sizes))
@@ -89,15 +96,19 @@ FLUX_LORA_TARGETS = ["x_embedder", "to_q", "to_k", "to_v", "to_out.0", "ff.net.2
                      "proj_mlp", "proj_out"]
 
 
-def flux_transformer(seed: int = 0, with_lora: bool = True, double: int = 2, single: int = 2) -> FluxTransformer2DModel:
-    """A tiny FLUX transformer (16 input channels = 4 latent channels packed 2x2), with a random subject LoRA."""
+def add_subject_lora(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
+    """A random OminiControl-style subject LoRA (adapter "subject"), drawn from the current torch seed."""
     from peft import LoraConfig
 
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS),
+                            adapter_name="subject")
+    return transformer
+
+
+def flux_transformer(seed: int = 0, with_lora: bool = True, double: int = 2, single: int = 2) -> FluxTransformer2DModel:
+    """A tiny FLUX transformer (16 input channels = 4 latent channels packed 2x2), with a random subject LoRA."""
     model = flux1_transformer(seed, double, single)
-    if with_lora:
-        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=FLUX_LORA_TARGETS),
-                          adapter_name="subject")
-    return model
+    return add_subject_lora(model) if with_lora else model
 
 
 def tiny_flux_pipeline(seed: int = 0, t5_tok=None, with_lora: bool = True) -> FluxPipeline:
