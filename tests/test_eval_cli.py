@@ -108,6 +108,32 @@ def test_scoring_models_that_cannot_be_loaded_fail_before_generating(tmp_path, c
     assert not list((tmp_path / "run").glob("generations*"))
 
 
+def test_a_manifest_line_that_is_not_json_is_named_by_its_line_and_column(tmp_path, capsys):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "dog.jpg")
+    good, bad = '{"image": "dog.jpg", "prompt": "a dog", "concept": "dog"}', '{"image": "dog.jpg" "prompt": "x"}'
+    (tmp_path / "bad_json.jsonl").write_text(f"{good}\n{bad}\n")
+    column = bad.index('"prompt"') + 1  # json counts columns from 1
+    code, _, err = evaluate(capsys, "--benchmark", str(tmp_path / "bad_json.jsonl"), *TINY, "--no-score",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1
+    assert f"bad_json.jsonl line 2: Expecting ',' delimiter (column {column})" in err[0], err
+
+
+def test_manifest_extensions_are_read_in_any_case_and_a_json_file_is_told_to_become_jsonl(tmp_path, capsys):
+    upper = tmp_path / "GOOD.JSONL"
+    upper.write_text(manifest(tmp_path).read_text())
+    code, out, err = evaluate(capsys, "--benchmark", str(upper), *TINY, "--dry-run", "--out", str(tmp_path / "run"))
+    assert code == 0 and f"benchmark {upper}: 2 cases" in out, err
+    (tmp_path / "GOOD.CSV").write_text("id,image,prompt,concept\nd0,dog.png,a dog on the moon,dog\n")
+    code, out, err = evaluate(capsys, "--benchmark", str(tmp_path / "GOOD.CSV"), *TINY, "--dry-run",
+                              "--out", str(tmp_path / "run"))
+    assert code == 0 and "1 cases" in out, err
+    (tmp_path / "good.json").write_text(upper.read_text())
+    code, _, err = evaluate(capsys, "--benchmark", str(tmp_path / "good.json"), *TINY, "--dry-run",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and "rename to .jsonl (one object per line)" in err[0], err
+
+
 def test_duplicate_values_run_once_with_a_warning(tmp_path, capsys):
     code, out, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY,
                               "--method", "conceptrol", "--method", "conceptrol", "--scale", "1", "--scale", "1.0",
