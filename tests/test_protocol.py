@@ -167,3 +167,12 @@ def test_a_judge_that_wants_a_key_when_none_is_set_says_which_variable(clone, tm
         server.shutdown()
     assert code == 2 and len(err) == 1 and "wants an API key (HTTP 401) and none is set" in err[0]
     assert "OPENAI_API_KEY" in err[0]
+
+
+def test_a_missing_judge_template_names_the_protocol_flag(clone, tmp_path, capsys):
+    (with_templates(clone) / "dreambench_plus" / "prompts" / "gpt_prompt_style_full.txt").unlink()
+    code, _, err = run_main(capsys, "evaluate", "--protocol", "dreambench-plus", "--benchmark", str(clone),
+                            "--model", "tiny", *FAST, "--judge-url", "http://127.0.0.1:9/v1", "--yes", "--dry-run",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and "gpt_prompt_style_full.txt is missing" in err[0]
+    assert "for --protocol dreambench-plus the --benchmark must be a clone" in err[0] and "--judge-protocol" not in err[0]
