@@ -195,6 +195,27 @@ def test_report_of_a_moved_and_damaged_run_counts_what_it_skips(tmp_path, capsys
     assert page.count("<i>missing</i>") == 2 and page.count("<img") == 3 + 1  # 3 references, 1 readable output
 
 
+def test_report_counts_records_that_lack_a_field_as_malformed_and_skips_them(tmp_path, capsys):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon", "a dog in a cafe"))),
+                            *TINY, "--method", "conceptrol", "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    generations = [json.loads(line) for line in (tmp_path / "run" / "generations.rank0.jsonl").read_text().splitlines()]
+    scores = [{"key": g["key"], "generation_id": g["generation_id"], "finished": g["finished"], "clip_t": 0.3}
+              for g in generations]  # no clip_i, no dino
+    (tmp_path / "run" / "scores.rank0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    damaged = [{"key": "conceptrol/1/0/d0", "method": "conceptrol"},  # no scale, no status, ...
+               {k: v for k, v in generations[1].items() if k != "status"} | {"finished": 1e12}]
+    with (tmp_path / "run" / "generations.rank0.jsonl").open("a") as f:
+        f.write("".join(json.dumps(g) + "\n" for g in damaged))
+    code = main(["report", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    assert f"{len(scores) + len(damaged)} record lines could not be read" in out
+    table = out[out.index("method"):]
+    assert table.splitlines()[2].split()[:5] == ["conceptrol", "1", "2", "0", "0"]  # the damaged lines left no mark
+    assert "no scores yet" in out
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -233,7 +233,8 @@ def _missing_notes(data: RunData) -> list[str]:
         lines.append(f"{len(ok) - len(failed)} images are not judged yet; run the same `conceptrol evaluate` command "
                      "with --judge-url to judge them")
     if data.malformed:
-        lines.append(f"{data.malformed} record lines could not be read and were skipped")
+        lines.append(f"{data.malformed} record lines could not be read (damaged, or lacking a field) and were "
+                     "skipped")
     return lines
 
 

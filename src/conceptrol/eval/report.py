@@ -27,7 +27,8 @@ def notes(data: RunData, rows: list[dict]) -> list[str]:
     elif any(row["scored"] < row["images"] for row in rows):
         lines.append("some images are not scored yet; run the same `conceptrol evaluate` command to finish")
     if data.malformed:
-        lines.append(f"{data.malformed} record lines could not be read and were skipped")
+        lines.append(f"{data.malformed} record lines could not be read (damaged, or lacking a field) and were "
+                     "skipped")
     if data.unreadable:
         lines.append(f"{len(data.unreadable)} image files are missing or damaged and were left out of the pictures")
     if data.settings is None:

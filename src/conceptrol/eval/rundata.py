@@ -18,6 +18,12 @@ from .runs import read_run_file
 METRICS = ("clip_t", "clip_i", "dino")
 JUDGE = ("cp", "pf", "cp_pf")
 COUNTS = ("images", "failed", "scored")
+NUMBER = (int, float)
+# the fields the report reads from each kind of record, and their types; a record without one is malformed
+FIELDS = {"generations": {"key": str, "method": str, "scale": NUMBER, "seed": int, "status": str, "case_id": str},
+          "scores": {"key": str}, "judgements": {"key": str}}
+OK_FIELDS = {"generations": {"image": str, "reference": str, "prompt": str, "concept": str},  # status "ok" only
+             "scores": dict.fromkeys(METRICS, NUMBER), "judgements": {"cp": NUMBER, "pf": NUMBER}}
 
 
 @dataclass
@@ -29,7 +35,7 @@ class RunData:
     generations: dict[str, dict]  # key -> the job's current generation record
     scores: dict[str, dict]  # key -> a valid score of the current picture
     judgements: dict[str, dict]  # key -> a valid verdict on the current picture
-    malformed: int = 0  # record lines that could not be read
+    malformed: int = 0  # record lines that could not be read or lack a field the report reads
     unreadable: set[str] = field(default_factory=set)  # image files missing or damaged
 
 
@@ -45,9 +51,10 @@ def load_run(out: Path) -> RunData:
     for name in ("generations", "scores", "judgements"):
         records = []
         for path in sorted(out.glob(f"{name}.rank*.jsonl")):
-            good, bad = RecordStore(path).read_counting()
+            lines, bad = RecordStore(path).read_counting()
+            good = [record for record in lines if well_formed(name, record)]
             records += good
-            malformed += bad
+            malformed += bad + len(lines) - len(good)
         read[name] = latest(records)
     if not read["generations"]:
         raise ConceptrolError(f"{out} holds no generation records; run `conceptrol evaluate --out {out}` first")
@@ -59,6 +66,12 @@ def load_run(out: Path) -> RunData:
 
     return RunData(out, read_run_file(out) if (out / "run.json").exists() else None, current,
                    valid(read["scores"]), valid(read["judgements"]), malformed)
+
+
+def well_formed(name: str, record: dict) -> bool:
+    """Whether a generations/scores/judgements record has every field the report reads, each of its type."""
+    fields = FIELDS[name] | (OK_FIELDS[name] if record.get("status", "ok") == "ok" else {})
+    return all(isinstance(record.get(f), kind) and not isinstance(record.get(f), bool) for f, kind in fields.items())
 
 
 def summarize(run: Path | RunData) -> list[dict]:
