@@ -176,3 +176,33 @@ def test_a_missing_judge_template_names_the_protocol_flag(clone, tmp_path, capsy
                             "--out", str(tmp_path / "run"))
     assert code == 2 and len(err) == 1 and "gpt_prompt_style_full.txt is missing" in err[0]
     assert "for --protocol dreambench-plus the --benchmark must be a clone" in err[0] and "--judge-protocol" not in err[0]
+
+
+def test_the_judge_cost_counts_only_the_jobs_that_can_be_judged(tmp_path, capsys, judge_server):
+    url, _ = judge_server
+    root = tmp_path / "dreambench_plus"
+    dreambench_plus(root / "data", {("live_subject/animal", "00"): "corgi dog\na dog on the moon\na corgi in the snow\n",
+                                    ("object", "00"): "red backpack\na backpack on a rock\n"})
+    judgeable = 2 * 2  # two methods x the two prompts that hold their concept ('a corgi in the snow' lacks 'dog')
+    code, printed, err = run_main(capsys, "evaluate", "--protocol", "dreambench-plus", "--benchmark",
+                                  str(with_templates(root)), "--model", "tiny", *FAST, "--judge-url", url,
+                                  "--judge-runs", "1", "--dry-run", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "dry run: 6 of 6 jobs to generate" in " ".join(printed)  # all are tried; two will fail
+    assert f"judge: {judgeable} images x 2 questions x 1 runs = {judgeable * 2} judge calls" in " ".join(printed)
+
+
+def test_the_judge_cost_after_an_edited_caption_counts_the_pictures_made_again(clone, tmp_path, capsys, judge_server):
+    url, seen = judge_server
+    args = ["evaluate", "--protocol", "dreambench-plus", "--benchmark", str(with_templates(clone)), "--model", "tiny",
+            *FAST, "--judge-url", url, "--judge-runs", "1", "--yes", "--out", str(tmp_path / "run")]
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    caption = clone / "data" / "captions" / "object" / "00.txt"
+    caption.write_text(caption.read_text().replace("on a rock", "on a boat"))  # one case of two, for both methods
+    code, printed, err = run_main(capsys, *args, "--dry-run")
+    assert code == 0, err
+    assert "judge: 2 images x 2 questions x 1 runs = 4 judge calls" in " ".join(printed)
+    asked = len(seen)
+    code, _, err = run_main(capsys, *args)
+    assert code == 0 and len(seen) - asked == 4, err  # the run asks what the dry run counted

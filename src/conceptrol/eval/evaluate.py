@@ -8,7 +8,7 @@ adapter, the run folder's stored settings (run.json), the scoring backbones and 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +16,6 @@ from ..app.settings import GenerateSettings, check_number, check_seed
 from ..core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 from .benchmark import Case, describe, load_benchmark
 from .protocol import PROTOCOLS, apply_protocol, dreambench_plus_data
-from .runs import check_run_file, run_identity
 
 CLIP_ID = "openai/clip-vit-base-patch32"
 DINO_ID = "facebook/dino-vits16"
@@ -152,6 +151,7 @@ class Plan:
     pipe: Any  # a pipeline when cheap to build (tiny models), else None: loaded after the checks
     jobs: list  # every (case, method, scale, seed) of the run
     from_preset: tuple[str, ...] = ()
+    failing: frozenset[str] = frozenset()  # ids of the cases without their concept in the prompt: their jobs fail
 
 
 def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
@@ -187,17 +187,40 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
 
 
 def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
-    """Every check, in order of cost; the run folder and run.json are created here (not in a dry run)."""
+    """Every check, in order of cost; run.json and judge.json are written once all have passed (not in a dry run)."""
+    from .runs import check_run_file, run_identity, run_record, write_judge_file, write_run_file
+
+    data = dreambench_plus_data(settings.benchmark) if settings.protocol else settings.benchmark
+    benchmark = load_benchmark(data)
+    cases = benchmark[: settings.limit]
+    echo(f"benchmark {data}: {describe(cases)}")
+    plan = _plan(settings, cases, echo)
+    record = run_record(run_identity(plan.settings, plan.base, plan.info), settings.benchmark, benchmark,
+                        settings.protocol, plan.from_preset)
+    check_run_file(plan.base.out, record)
+    if not settings.no_score:
+        _check_scoring_models(settings)
+    judge = _check_judge(plan, echo)
+    if settings.dry_run:
+        _describe_plan(plan, echo)
+        return plan
+    write_run_file(plan.base.out, record)
+    if judge is not None:
+        write_judge_file(plan.base.out, judge)
+    return plan
+
+
+def _plan(settings: EvaluateSettings, cases: list[Case], echo: Callable[[str], None]) -> Plan:
+    """The jobs, with the model's and the protocol's defaults filled in and checked against the model and each case;
+    the run folder is created here (not in a dry run)."""
     from ..app.generate import prepare_output_dir
     from .runner import BASELINES, jobs_for, process_device, process_rank
 
-    data = dreambench_plus_data(settings.benchmark) if settings.protocol else settings.benchmark
-    cases = load_benchmark(data)[: settings.limit]
-    echo(f"benchmark {data}: {describe(cases)}")
     out = Path(settings.out).expanduser() if settings.dry_run else prepare_output_dir(settings.out)
     world = process_rank()[1]
     device = process_device() if world > 1 and settings.device == "auto" else settings.device
     pipe, info = _model(settings, settings.template.replace(device=device, out=out))
+    settings = replace(settings, concept_layer=_concept_layer(settings, info))
     profile = info.profile(settings.adapter)
     methods = settings.method or (BASELINES[profile], "conceptrol")
     if settings.protocol:
@@ -208,55 +231,59 @@ def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
     else:
         scales, from_preset = {m: settings.scale or (SCALE,) for m in methods}, ()
     base = settings.template.replace(device=device, out=out)
-    _check_cases(settings, base, info, cases, echo)
-    identity = run_identity(settings, base, info)
-    check_run_file(out, identity, settings.benchmark, write=not settings.dry_run,
-                   extra={"protocol": settings.protocol, "from_preset": list(from_preset)})
-    plan = Plan(settings, base, info, pipe, jobs_for(cases, scales, settings.seeds), from_preset)
-    _check_judge(plan, echo)
-    if settings.dry_run:
-        _describe_plan(plan, echo)
-    return plan
+    failing = _check_cases(settings, base, info, cases, echo)
+    return Plan(settings, base, info, pipe, jobs_for(cases, scales, settings.seeds), from_preset, failing)
 
 
-def _check_judge(plan: Plan, echo: Callable[[str], None]) -> None:
-    """The judge answers; its templates exist and did not change; its cost is printed and, unless --yes, confirmed."""
+def _check_judge(plan: Plan, echo: Callable[[str], None]) -> Any:
+    """The judge answers; its templates exist and did not change; its cost is printed and, unless --yes, confirmed.
+
+    Returns the judge's JudgeConfig (None without --judge-url).
+    """
     settings = plan.settings
     judge = settings.judge
     if judge is None:
-        return
+        return None
     from .judge import check_judge, judge_cost
     from .runs import check_judge_file
 
     check_judge(judge)
-    check_judge_file(plan.base.out, judge, write=not settings.dry_run)
-    from .runner import latest, read_all
-
-    judged = {key for key, r in latest(read_all(plan.base.out, "judgements")).items() if r.get("status", "ok") == "ok"}
-    pending = [job for job in plan.jobs if job.key not in judged] if plan.base.out.exists() else plan.jobs
+    check_judge_file(plan.base.out, judge)
+    pending = _to_judge(plan)
     echo(f"judge: {judge_cost(judge, len(pending), [job.case.category for job in pending]).describe()}")
     if settings.yes or settings.dry_run:
-        return
+        return judge
     import sys
 
     if not sys.stdin.isatty():
         raise ConceptrolError("a judged run costs money (see the line above); pass --yes to start it from a script")
     if input("Start the run? [y/N] ").strip().lower() not in ("y", "yes"):
         raise ConceptrolError("stopped before starting: nothing was generated or judged")
+    return judge
+
+
+def _to_judge(plan: Plan) -> list:
+    """The jobs a judged run will ask about: those still to generate and those whose picture has no verdict yet,
+    leaving out the jobs that will fail (their case's concept is not in its prompt)."""
+    from .runner import pending_images, pending_jobs
+
+    out = plan.base.out
+    unjudged = {record["key"] for record in pending_images(out, "judgements")} if out.is_dir() else set()
+    to_make = {job.key for job in pending_jobs(out, plan.jobs)}
+    return [job for job in plan.jobs
+            if job.case.case_id not in plan.failing and (job.key in to_make or job.key in unjudged)]
 
 
 def _describe_plan(plan: Plan, echo: Callable[[str], None]) -> None:
     """A dry run's list: jobs per method and scale still to generate, and an example of each."""
     from collections import Counter
 
-    from .runner import latest, read_all
+    from .runner import pending_jobs
 
-    done = {k for k, r in latest(read_all(plan.base.out, "generations")).items() if r.get("status") == "ok"} \
-        if plan.base.out.exists() else set()
-    todo = [job for job in plan.jobs if job.key not in done]
+    todo = pending_jobs(plan.base.out, plan.jobs)  # the generation pass's own rule: a success from the same case
     counts = Counter((job.method, job.scale) for job in todo)
     echo(f"dry run: {len(todo)} of {len(plan.jobs)} jobs to generate "
-         + "; ".join(f"{m} at scale {s:g}: {n}" for (m, s), n in sorted(counts.items())))
+         + ("; ".join(f"{m} at scale {s:g}: {n}" for (m, s), n in sorted(counts.items())) or "(all are done)"))
     for job in todo[:3]:
         echo(f"  e.g. {job.key}: {job.case.prompt!r} (concept {job.case.concept!r})")
     echo("dry run: nothing was generated, scored or judged")
@@ -265,19 +292,12 @@ def _describe_plan(plan: Plan, echo: Callable[[str], None]) -> None:
 def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any]:
     """(a pipeline if it is cheap to build now, else None; the model's ModelInfo), read without loading weights."""
     from ..app.loading import pick_device
-    from ..app.preflight import check_adapter_source, info_from_pipeline, info_from_source
+    from ..app.preflight import check_adapter_source, info_from_source
     from .runner import BASELINES
 
     pick_device(base.device)
     if settings.model.startswith("tiny"):
-        from ..app.offline_demo import TINY_MODELS, tiny_pipeline
-
-        kind = settings.model.removeprefix("tiny-") if settings.model != "tiny" else "sd15"
-        if kind not in TINY_MODELS:
-            raise ConceptrolError(f"unknown tiny model {settings.model!r}; choose one of tiny, "
-                                  + ", ".join(f"tiny-{k}" for k in TINY_MODELS))
-        pipe = tiny_pipeline(kind)
-        info = info_from_pipeline(pipe)
+        pipe, info = _tiny_model(settings.model, settings.adapter)
     else:
         pipe, info = None, info_from_source(settings.model, need_layers=settings.concept_layer is not None)
         check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
@@ -289,12 +309,56 @@ def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any
     return pipe, info
 
 
+TINY_WITH = {"plus": "tiny", "subject": "tiny-flux", "xlabs-ip": "tiny-flux-ip", "kontext": "tiny-flux-kontext",
+             "redux": "tiny-flux-redux"}  # adapter -> the tiny model that carries it
+
+
+def _tiny_model(model: str, adapter: str | None) -> tuple[Any, Any]:
+    """A tiny model's pipeline and ModelInfo, checked as the real model it stands for: its adapter name, and sizes
+    in multiples of the real one's (8 on SD, 16 on FLUX; the tiny VAEs would take smaller ones)."""
+    from ..app.loading import adapter_weights
+    from ..app.offline_demo import TINY_MODELS, tiny_pipeline
+    from ..app.preflight import info_from_pipeline
+    from .runs import PROFILE_ADAPTERS
+
+    kind = model.removeprefix("tiny-") if model != "tiny" else "sd15"
+    if kind not in TINY_MODELS:
+        raise ConceptrolError(f"unknown tiny model {model!r}; choose one of tiny, "
+                              + ", ".join(f"tiny-{k}" for k in TINY_MODELS))
+    pipe = tiny_pipeline(kind)
+    info = info_from_pipeline(pipe)
+    info = replace(info, pixel_multiple=16 if info.architecture == "flux" else 8)
+    carried = PROFILE_ADAPTERS[info.profile(None)]
+    if adapter is not None and adapter != carried:
+        adapter_weights(info.adapter_family, adapter)  # an unknown name gets the real model's message
+        other = f", or use --model {TINY_WITH[adapter]}" if adapter in TINY_WITH else ""
+        raise ConceptrolError(f"--model {model} carries the adapter {carried} only; leave out --adapter {adapter}{other}")
+    return pipe, info
+
+
+def _concept_layer(settings: EvaluateSettings, info: Any) -> str | None:
+    """The concept layer to pass: the flag's; else None (the preset) where the model has the preset's block, a tiny
+    FLUX model's last double block where it does not; a real FLUX model without it is refused."""
+    from ..core.config import CONCEPT_LAYERS
+
+    default = CONCEPT_LAYERS[info.architecture]
+    if settings.concept_layer is not None or info.layers is None or default in info.layers:
+        return settings.concept_layer
+    doubles = sorted((b for b in info.layers if b.startswith("transformer_blocks.")), key=lambda b: int(b.split(".")[1]))
+    if settings.model.startswith("tiny") and doubles:
+        return doubles[-1]
+    hint = f", e.g. --concept-layer {doubles[-1]} (its last double block)" if doubles else ""
+    raise ConceptrolError(f"the default concept block {default!r} is not a block of this transformer; pass "
+                          f"--concept-layer{hint}")
+
+
 def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, cases: list[Case],
-                 echo: Callable[[str], None]) -> None:
-    """Model options once; each case's concept located with the tokenizer (cases without it are counted, then fail)."""
+                 echo: Callable[[str], None]) -> frozenset[str]:
+    """Model options once; each case's concept located with the tokenizer. Returns the ids of the cases without
+    it (counted here; their jobs are recorded as failed)."""
     from ..app.preflight import check_concepts, check_model_options
 
-    check_model_options(base, info, check_adapter=not settings.model.startswith("tiny"))
+    check_model_options(base, info)
     missing = []
     for case in cases:
         try:
@@ -304,22 +368,41 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
     if missing:
         echo(f"{len(missing)} of {len(cases)} cases do not have their concept in the prompt (e.g. {missing[0].case_id}: "
              f"{missing[0].concept!r} in {missing[0].prompt!r}); they will be recorded as failed")
+    return frozenset(case.case_id for case in missing)
+
+
+def _scoring_models(settings: EvaluateSettings) -> list[tuple[str, str, str]]:
+    """(flag, name, hub id or folder) of the CLIP and DINO scoring models."""
+    return [("--clip-model", "CLIP", settings.clip_model or CLIP_ID), ("--dino-model", "DINO", settings.dino_model or DINO_ID)]
+
+
+def _check_scoring_models(settings: EvaluateSettings) -> None:
+    """CLIP and DINO are in a local folder, the cache or a reachable hub; one line saying what to pass if not."""
+    from ..app.loading import resolve_repo
+    from ..app.preflight import ensure_available
+
+    try:
+        for flag, name, repo in _scoring_models(settings):
+            ensure_available(resolve_repo(repo, flag, CLIP_ID), "config.json", flag, f"the {name} scoring model")
+    except ConceptrolError as error:
+        raise _scoring_error(error) from None
 
 
 def _load_metrics(settings: EvaluateSettings, device: str) -> Any:
-    """CLIP and DINO, loaded before any image is generated; one line saying what to pass when they cannot be."""
-    from ..app.loading import pick_device, resolve_repo
-    from ..app.preflight import ensure_available
+    """CLIP and DINO, loaded before any image is generated (checked in check_run); the same one line if they fail."""
+    from ..app.loading import pick_device
     from .metrics import MetricModels
 
-    clip, dino = settings.clip_model or CLIP_ID, settings.dino_model or DINO_ID
+    (_, _, clip), (_, _, dino) = _scoring_models(settings)
     try:
-        for flag, name, repo in (("--clip-model", "CLIP", clip), ("--dino-model", "DINO", dino)):
-            ensure_available(resolve_repo(repo, flag, CLIP_ID), "config.json", flag, f"the {name} scoring model")
         return MetricModels.load(clip, dino, str(pick_device(device)))
     except (ConceptrolError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConceptrolError(f"{reason}; or pass --no-score to generate without scoring") from None
+        raise _scoring_error(error) from None
+
+
+def _scoring_error(error: Exception) -> ConceptrolError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConceptrolError(f"{reason}; or pass --no-score to generate without scoring")
 
 
 def _progress(what: str, rank: int, world: int) -> Any:
