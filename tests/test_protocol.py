@@ -53,6 +53,20 @@ def test_evaluate_with_the_protocol_runs_each_row_at_its_own_scale_and_warm_up(c
     assert stored["settings"]["negative_prompt"] == NEGATIVE_PROMPT
 
 
+def test_resuming_with_the_protocol_dropped_or_added_is_refused(clone, tmp_path, capsys):
+    with_protocol = ["--protocol", "dreambench-plus", "--benchmark", str(clone)]
+    without = ["--benchmark", str(clone / "data")]  # the same cases, without Table 1's settings and judge
+    for first, then, stored in ((with_protocol, without, "protocol dreambench-plus there, none now"),
+                                (without, with_protocol, "protocol none there, dreambench-plus now")):
+        out = tmp_path / f"run-{len(first)}"
+        code, _, err = run_main(capsys, "evaluate", *first, "--model", "tiny", *FAST, "--out", str(out))
+        assert code == 0, err
+        made = (out / "generations.rank0.jsonl").read_text()
+        code, _, err = run_main(capsys, "evaluate", *then, "--model", "tiny", *FAST, "--out", str(out))
+        assert code == 2 and len(err) == 1 and stored in err[0] and "pass a new --out" in err[0], err
+        assert (out / "generations.rank0.jsonl").read_text() == made
+
+
 def test_a_clone_without_its_data_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "dreambench_plus" / "dreambench_plus" / "prompts").mkdir(parents=True)
     code, _, err = run_main(capsys, "evaluate", "--protocol", "dreambench-plus", "--benchmark",
