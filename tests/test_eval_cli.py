@@ -276,7 +276,8 @@ def test_a_manifest_line_that_is_not_json_is_named_by_its_line_and_column(tmp_pa
 def test_manifest_extensions_are_read_in_any_case_and_a_json_file_is_told_to_become_jsonl(tmp_path, capsys):
     upper = tmp_path / "GOOD.JSONL"
     upper.write_text(manifest(tmp_path).read_text())
-    code, out, err = evaluate(capsys, "--benchmark", str(upper), *TINY, "--no-score", "--dry-run", "--out", str(tmp_path / "run"))
+    code, out, err = evaluate(capsys, "--benchmark", str(upper), *TINY, "--no-score", "--dry-run",
+                              "--out", str(tmp_path / "run"))
     assert code == 0 and f"benchmark {upper}: 2 cases" in out, err
     (tmp_path / "GOOD.CSV").write_text("id,image,prompt,concept\nd0,dog.png,a dog on the moon,dog\n")
     code, out, err = evaluate(capsys, "--benchmark", str(tmp_path / "GOOD.CSV"), *TINY, "--no-score", "--dry-run",

@@ -185,7 +185,8 @@ def _json_line(path: Path, number: int, line: str) -> object:
     try:
         return json.loads(line)
     except json.JSONDecodeError as error:  # each line is parsed alone: json's own line number is always 1
-        raise ConceptrolError(f"cannot read manifest {path} line {number}: {error.msg} (column {error.colno})") from None
+        raise ConceptrolError(f"cannot read manifest {path} line {number}: {error.msg} "
+                              f"(column {error.colno})") from None
 
 
 def _find_image(folder: Path, index: str) -> Path:

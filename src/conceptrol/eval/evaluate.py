@@ -332,7 +332,8 @@ def _tiny_model(model: str, adapter: str | None) -> tuple[Any, Any]:
     if adapter is not None and adapter != carried:
         adapter_weights(info.adapter_family, adapter)  # an unknown name gets the real model's message
         other = f", or use --model {TINY_WITH[adapter]}" if adapter in TINY_WITH else ""
-        raise ConceptrolError(f"--model {model} carries the adapter {carried} only; leave out --adapter {adapter}{other}")
+        raise ConceptrolError(f"--model {model} carries the adapter {carried} only; leave out --adapter "
+                              f"{adapter}{other}")
     return pipe, info
 
 
@@ -344,7 +345,8 @@ def _concept_layer(settings: EvaluateSettings, info: Any) -> str | None:
     default = CONCEPT_LAYERS[info.architecture]
     if settings.concept_layer is not None or info.layers is None or default in info.layers:
         return settings.concept_layer
-    doubles = sorted((b for b in info.layers if b.startswith("transformer_blocks.")), key=lambda b: int(b.split(".")[1]))
+    doubles = sorted((block for block in info.layers if block.startswith("transformer_blocks.")),
+                     key=lambda block: int(block.split(".")[1]))
     if settings.model.startswith("tiny") and doubles:
         return doubles[-1]
     hint = f", e.g. --concept-layer {doubles[-1]} (its last double block)" if doubles else ""
@@ -373,7 +375,8 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
 
 def _scoring_models(settings: EvaluateSettings) -> list[tuple[str, str, str]]:
     """(flag, name, hub id or folder) of the CLIP and DINO scoring models."""
-    return [("--clip-model", "CLIP", settings.clip_model or CLIP_ID), ("--dino-model", "DINO", settings.dino_model or DINO_ID)]
+    return [("--clip-model", "CLIP", settings.clip_model or CLIP_ID),
+            ("--dino-model", "DINO", settings.dino_model or DINO_ID)]
 
 
 def _check_scoring_models(settings: EvaluateSettings) -> None:
