@@ -371,6 +371,22 @@ def test_report_counts_records_that_lack_a_field_as_malformed_and_skips_them(tmp
     assert "no scores yet" in out
 
 
+def test_report_html_grid_says_which_seed_it_shows_and_every_image_has_alt_text(tmp_path, capsys):
+    import re
+
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY,
+                            "--method", "conceptrol", "--seeds", "3", "1", "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    images = re.findall(r"<img [^>]*>", page)
+    assert images and all(re.search(r' alt="[^"]+"', tag) for tag in images)
+    grid = page[page.index("<h2>Reference"):]
+    assert grid.startswith("<h2>Reference &rarr; outputs, seed 1</h2>")  # the lowest of the run's seeds
+    assert "seeds 1, 3" in grid and 'alt="conceptrol 1, seed 1: a dog on the moon"' in grid
+    assert "seed 3:" not in grid
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -308,7 +308,7 @@ def test_report_html_of_a_run_without_a_paper_comparison_still_works(tmp_path, p
     run = make_run(tmp_path, profile, [image("conceptrol", 1.0, 0, "dog", score, score)])
     report(run)
     page = (run / "report.html").read_text()
-    assert "<h2>Reference &rarr; outputs</h2>" in page and "Table 1 of arXiv" not in page
+    assert "<h2>Reference &rarr; outputs, seed 0</h2>" in page and "Table 1 of arXiv" not in page
 
 
 def test_a_run_made_without_the_protocol_is_not_set_beside_table_1(tmp_path):

@@ -350,7 +350,8 @@ def paper_html(data: RunData, rows: list[dict] | None = None) -> str:
                    for r in rows)
     described = "".join(f"<li>{html.escape(line)}</li>" for line in paper_notes(data, rows))
     plot = data.out / "paper.png"
-    image = embed_image(data, plot, 1200) if _newer_than_records(plot, data.out) else (
+    alt = "CP, PF and CP·PF of each row with 95% intervals, beside Table 1's where comparable"
+    image = embed_image(data, plot, 1200, alt=alt) if _newer_than_records(plot, data.out) else (
         "<p><i>run <code>conceptrol report --paper</code> to draw paper.png</i></p>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     return f"<h2>{html.escape(paper_title(data))}</h2><table><tr>{head}</tr>{body}</table><ul>{described}</ul>{image}"

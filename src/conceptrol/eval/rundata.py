@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import statistics
 from collections import defaultdict
@@ -96,12 +97,21 @@ def summarize(run: Path | RunData) -> list[dict]:
     return rows
 
 
-def outputs_by_case(data: RunData) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
-    """The (method, scale) settings generated, and each case's record per setting, sorted by case id."""
+def seeds_made(data: RunData) -> list[int]:
+    """The seeds of the run's generated pictures, lowest first (the report's grid shows the first)."""
+    return sorted({r["seed"] for r in data.generations.values() if r.get("status") == "ok"})
+
+
+def outputs_by_case(data: RunData, seed: int | None = None) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
+    """The (method, scale) settings generated, and each case's record per setting at `seed` (None: the lowest
+    seed made), sorted by case id."""
+    seeds = seeds_made(data)
+    seed = seeds[0] if seed is None and seeds else seed
     generations = [r for r in data.generations.values() if r.get("status") == "ok"]
     by_case: dict[str, dict] = defaultdict(dict)
     for record in generations:
-        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
+        if record["seed"] == seed:
+            by_case[record["case_id"]][(record["method"], record["scale"])] = record
     return sorted({(r["method"], r["scale"]) for r in generations}), sorted(by_case.items())
 
 
@@ -115,11 +125,13 @@ def open_image(data: RunData, path: Path) -> Image.Image | None:
         return None
 
 
-def embed_image(data: RunData, path: Path, size: int = 256) -> str:
+def embed_image(data: RunData, path: Path, size: int = 256, *, alt: str) -> str:
+    """An <img> with the picture inlined (at most `size` pixels a side) and its `alt` text, or '<i>missing</i>'."""
     image = open_image(data, path)
     if image is None:
         return "<i>missing</i>"
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    source = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img src="data:image/png;base64,{source}" alt="{html.escape(alt, quote=True)}">'
