@@ -15,10 +15,9 @@ from typing import Any, Callable
 from ..app.settings import GenerateSettings, check_number, check_seed
 from ..core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 from .benchmark import Case, describe, load_benchmark
+from .models import check_scoring_models, concept_layer, load_metrics, model_for
 from .protocol import PROTOCOLS, apply_protocol, dreambench_plus_data
 
-CLIP_ID = "openai/clip-vit-base-patch32"
-DINO_ID = "facebook/dino-vits16"
 JUDGE_MODEL = "gpt-4o"
 JUDGE_RUNS = 3
 SCALE = 1.0
@@ -172,7 +171,7 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
     if settings.dry_run:
         return summary
     before_loading()
-    metrics = None if settings.no_score else _load_metrics(settings, plan.base.device)
+    metrics = None if settings.no_score else load_metrics(settings, plan.base.device)
     pipe = plan.pipe if plan.pipe is not None else pipeline_for(plan.base)
     pipe.set_progress_bar_config(disable=True)
     with _progress("generate", rank, world) as progress:
@@ -199,7 +198,7 @@ def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
                         settings.protocol, plan.from_preset)
     check_run_file(plan.base.out, record)
     if not settings.no_score:
-        _check_scoring_models(settings)
+        check_scoring_models(settings)
     judge = _check_judge(plan, echo)
     if settings.dry_run:
         _describe_plan(plan, echo)
@@ -219,8 +218,8 @@ def _plan(settings: EvaluateSettings, cases: list[Case], echo: Callable[[str], N
     out = Path(settings.out).expanduser() if settings.dry_run else prepare_output_dir(settings.out)
     world = process_rank()[1]
     device = process_device() if world > 1 and settings.device == "auto" else settings.device
-    pipe, info = _model(settings, settings.template.replace(device=device, out=out))
-    settings = replace(settings, concept_layer=_concept_layer(settings, info))
+    pipe, info = model_for(settings, settings.template.replace(device=device, out=out))
+    settings = replace(settings, concept_layer=concept_layer(settings, info))
     profile = info.profile(settings.adapter)
     methods = settings.method or (BASELINES[profile], "conceptrol")
     if settings.protocol:
@@ -289,71 +288,6 @@ def _describe_plan(plan: Plan, echo: Callable[[str], None]) -> None:
     echo("dry run: nothing was generated, scored or judged")
 
 
-def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any]:
-    """(a pipeline if it is cheap to build now, else None; the model's ModelInfo), read without loading weights."""
-    from ..app.loading import pick_device
-    from ..app.preflight import check_adapter_source, info_from_source
-    from .runner import BASELINES
-
-    pick_device(base.device)
-    if settings.model.startswith("tiny"):
-        pipe, info = _tiny_model(settings.model, settings.adapter)
-    else:
-        pipe, info = None, info_from_source(settings.model, need_layers=settings.concept_layer is not None)
-        check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
-    profile = info.profile(settings.adapter)
-    wrong = [m for m in settings.method if m != "conceptrol" and m != BASELINES[profile]]
-    if wrong:
-        raise ConceptrolError(f"--method {wrong[0]} does not apply to this model and adapter ({profile}); its baseline "
-                              f"is {BASELINES[profile]}")
-    return pipe, info
-
-
-TINY_WITH = {"plus": "tiny", "subject": "tiny-flux", "xlabs-ip": "tiny-flux-ip", "kontext": "tiny-flux-kontext",
-             "redux": "tiny-flux-redux"}  # adapter -> the tiny model that carries it
-
-
-def _tiny_model(model: str, adapter: str | None) -> tuple[Any, Any]:
-    """A tiny model's pipeline and ModelInfo, checked as the real model it stands for: its adapter name, and sizes
-    in multiples of the real one's (8 on SD, 16 on FLUX; the tiny VAEs would take smaller ones)."""
-    from ..app.loading import adapter_weights
-    from ..app.offline_demo import TINY_MODELS, tiny_pipeline
-    from ..app.preflight import info_from_pipeline
-    from .runs import PROFILE_ADAPTERS
-
-    kind = model.removeprefix("tiny-") if model != "tiny" else "sd15"
-    if kind not in TINY_MODELS:
-        raise ConceptrolError(f"unknown tiny model {model!r}; choose one of tiny, "
-                              + ", ".join(f"tiny-{k}" for k in TINY_MODELS))
-    pipe = tiny_pipeline(kind)
-    info = info_from_pipeline(pipe)
-    info = replace(info, pixel_multiple=16 if info.architecture == "flux" else 8)
-    carried = PROFILE_ADAPTERS[info.profile(None)]
-    if adapter is not None and adapter != carried:
-        adapter_weights(info.adapter_family, adapter)  # an unknown name gets the real model's message
-        other = f", or use --model {TINY_WITH[adapter]}" if adapter in TINY_WITH else ""
-        raise ConceptrolError(f"--model {model} carries the adapter {carried} only; leave out --adapter "
-                              f"{adapter}{other}")
-    return pipe, info
-
-
-def _concept_layer(settings: EvaluateSettings, info: Any) -> str | None:
-    """The concept layer to pass: the flag's; else None (the preset) where the model has the preset's block, a tiny
-    FLUX model's last double block where it does not; a real FLUX model without it is refused."""
-    from ..core.config import CONCEPT_LAYERS
-
-    default = CONCEPT_LAYERS[info.architecture]
-    if settings.concept_layer is not None or info.layers is None or default in info.layers:
-        return settings.concept_layer
-    doubles = sorted((block for block in info.layers if block.startswith("transformer_blocks.")),
-                     key=lambda block: int(block.split(".")[1]))
-    if settings.model.startswith("tiny") and doubles:
-        return doubles[-1]
-    hint = f", e.g. --concept-layer {doubles[-1]} (its last double block)" if doubles else ""
-    raise ConceptrolError(f"the default concept block {default!r} is not a block of this transformer; pass "
-                          f"--concept-layer{hint}")
-
-
 def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, cases: list[Case],
                  echo: Callable[[str], None]) -> frozenset[str]:
     """Model options once; each case's concept located with the tokenizer. Returns the ids of the cases without
@@ -371,41 +305,6 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
         echo(f"{len(missing)} of {len(cases)} cases do not have their concept in the prompt (e.g. {missing[0].case_id}: "
              f"{missing[0].concept!r} in {missing[0].prompt!r}); they will be recorded as failed")
     return frozenset(case.case_id for case in missing)
-
-
-def _scoring_models(settings: EvaluateSettings) -> list[tuple[str, str, str]]:
-    """(flag, name, hub id or folder) of the CLIP and DINO scoring models."""
-    return [("--clip-model", "CLIP", settings.clip_model or CLIP_ID),
-            ("--dino-model", "DINO", settings.dino_model or DINO_ID)]
-
-
-def _check_scoring_models(settings: EvaluateSettings) -> None:
-    """CLIP and DINO are in a local folder, the cache or a reachable hub; one line saying what to pass if not."""
-    from ..app.loading import resolve_repo
-    from ..app.preflight import ensure_available
-
-    try:
-        for flag, name, repo in _scoring_models(settings):
-            ensure_available(resolve_repo(repo, flag, CLIP_ID), "config.json", flag, f"the {name} scoring model")
-    except ConceptrolError as error:
-        raise _scoring_error(error) from None
-
-
-def _load_metrics(settings: EvaluateSettings, device: str) -> Any:
-    """CLIP and DINO, loaded before any image is generated (checked in check_run); the same one line if they fail."""
-    from ..app.loading import pick_device
-    from .metrics import MetricModels
-
-    (_, _, clip), (_, _, dino) = _scoring_models(settings)
-    try:
-        return MetricModels.load(clip, dino, str(pick_device(device)))
-    except (ConceptrolError, OSError, ValueError) as error:
-        raise _scoring_error(error) from None
-
-
-def _scoring_error(error: Exception) -> ConceptrolError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ConceptrolError(f"{reason}; or pass --no-score to generate without scoring")
 
 
 def _progress(what: str, rank: int, world: int) -> Any:
