@@ -11,7 +11,6 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from helpers import real_clip_tokenizer  # noqa: E402
 
 torch.set_num_threads(2)

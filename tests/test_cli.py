@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conceptrol import ConceptrolError
-from conceptrol.cli import main
 from conceptrol.app.generate import GenerateSettings, generate, safe_name
+from conceptrol.cli import main
 from conceptrol.core.images import load_reference_image
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_main
 from PIL import Image
 
-from helpers import run_main
 from conceptrol.cli import build_parser
 
 TINY = ["--model", "tiny-sd15", "--steps", "2", "--size", "64x48"]

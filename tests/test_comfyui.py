@@ -10,10 +10,10 @@ import asyncio
 import math
 import types
 
+import comfyui_env as env
 import pytest
 import torch
 
-import comfyui_env as env
 from conceptrol.core.errors import ConceptNotFoundError, ConceptrolError
 
 if env.comfy_root() is None:

@@ -10,8 +10,8 @@ from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
-
 from helpers import run_main
+
 from conceptrol.comfyui.install import FOLDER, loader_text
 
 README = Path(__file__).parents[1] / "README.md"

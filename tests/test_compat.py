@@ -20,8 +20,18 @@ from peft.utils import get_peft_model_state_dict
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
 from conceptrol.core.errors import ConceptrolWarning
 from conceptrol.flux.ominicontrol.handle import carries_ominicontrol
-from conceptrol.tiny import FLUX_LORA_TARGETS, load_tiny_ip_adapter, tiny_flux_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
-from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
+from conceptrol.tiny import (
+    FLUX_LORA_TARGETS,
+    load_tiny_ip_adapter,
+    load_tiny_xlabs_ip_adapter,
+    tiny_flux,
+    tiny_flux_pipeline,
+    tiny_kontext,
+    tiny_redux_prior,
+    tiny_reference_image,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 PROMPT = "a photo of a dog surfing a wave"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -256,7 +256,7 @@ def test_the_clones_data_folder_finds_the_templates_beside_it(fake, clone):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"protocol": "dreambench"}, "--judge-protocol must be one of conceptrol, dreambench-plus"),
+    ({"protocol": "dreambench"}, "the judge's protocol must be one of conceptrol, dreambench-plus"),
     ({"protocol": "dreambench-plus"}, "pass the clone as --benchmark"),
     ({"max_tokens": 0}, "--judge-max-tokens must be at least 1"),
     ({"answer_tries": 0}, "answer_tries must be at least 1"),

@@ -76,6 +76,160 @@ def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path, capsys, c
     assert code == 0 and "1 generated" in out
 
 
+def lines_of(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_resuming_with_another_benchmark_is_refused_in_one_line(tmp_path, capsys):
+    first = manifest(tmp_path, ("a dog on the moon",))
+    other = dreambench_plus(tmp_path / "other", {("object", "00"): "red backpack\na backpack on a rock\n"})
+    run = tmp_path / "run"
+    code, _, err = evaluate(capsys, "--benchmark", str(first), *TINY, "--method", "conceptrol", "--no-score",
+                            "--out", str(run))
+    assert code == 0, err
+    made = lines_of(run / "generations.rank0.jsonl")
+    for dry in ([], ["--dry-run"]):
+        code, _, err = evaluate(capsys, "--benchmark", str(other), *TINY, "--method", "conceptrol", "--no-score",
+                                *dry, "--out", str(run))
+        assert code == 2 and len(err) == 1, err
+        assert f"benchmark {first.resolve()} there, {other.resolve()} now" in err[0] and "pass a new --out" in err[0]
+    assert lines_of(run / "generations.rank0.jsonl") == made  # nothing was added to the run
+
+
+def test_adding_or_editing_cases_of_the_same_benchmark_resumes(tmp_path, capsys):
+    common = ["--method", "conceptrol", "--no-score", "--out", str(tmp_path / "run")]
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY, *common)
+    assert code == 0, err
+    grown = manifest(tmp_path, ("a dog on the sun", "a dog in a cafe"))  # d0 edited, d1 added: same file
+    code, out, err = evaluate(capsys, "--benchmark", str(grown), *TINY, *common)
+    assert code == 0 and "2 generated (0 failed)" in out, err
+
+
+def test_a_moved_benchmark_resumes_and_a_moved_and_changed_one_is_refused(tmp_path, capsys):
+    common = ["--method", "conceptrol", "--no-score", "--out", str(tmp_path / "run")]
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY, *common)
+    assert code == 0, err
+    for copy in ("moved", "changed"):
+        shutil.copytree(tmp_path, tmp_path / copy, ignore=shutil.ignore_patterns("run", "moved"))
+    code, out, err = evaluate(capsys, "--benchmark", str(tmp_path / "moved" / "set.jsonl"), *TINY, *common)
+    assert code == 0 and "0 generated" in out, err  # the same cases elsewhere: nothing to redo
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["benchmark"] == str(tmp_path / "moved" / "set.jsonl")
+    manifest(tmp_path / "changed", ("a dog on the moon", "a dog in a cafe"))  # a copy with a case more
+    code, _, err = evaluate(capsys, "--benchmark", str(tmp_path / "changed" / "set.jsonl"), *TINY, *common)
+    assert code == 2 and len(err) == 1 and "now (with other cases)" in err[0], err
+
+
+def test_a_run_json_from_before_the_benchmark_was_recorded_still_resumes(tmp_path, capsys):
+    common = ["--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY, "--method", "conceptrol",
+              "--no-score", "--out", str(tmp_path / "run")]
+    code, _, err = evaluate(capsys, *common)
+    assert code == 0, err
+    path = tmp_path / "run" / "run.json"
+    stored = json.loads(path.read_text())
+    older = {k: v for k, v in stored.items() if k not in ("cases", "protocol", "from_preset")}
+    path.write_text(json.dumps(older))
+    code, _, err = evaluate(capsys, *common, "--scale", "0.5")
+    assert code == 0, err
+    assert json.loads(path.read_text()) == older | {"cases": stored["cases"], "protocol": None, "from_preset": []}
+
+
+def test_a_run_that_fails_before_generating_leaves_no_run_json(tmp_path, capsys):
+    common = ["--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), "--method", "conceptrol",
+              "--out", str(tmp_path / "run")]
+    for failing in ([], ["--no-score", "--judge-url", "http://127.0.0.1:9/v1"]):  # no CLIP here; no judge there
+        code, _, err = evaluate(capsys, *common, *TINY, *failing)
+        assert code == 2 and len(err) == 1, err
+        assert not (tmp_path / "run" / "run.json").exists()
+    code, out, err = evaluate(capsys, *common, *TINY[:2], "--steps", "4", "--size", "32x32", "--no-score")
+    assert code == 0 and "1 generated" in out, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["steps"] == 4
+
+
+def test_a_folder_without_generation_records_takes_new_settings(tmp_path, capsys):
+    common = ["--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), "--method", "conceptrol", "--no-score"]
+    code, _, err = evaluate(capsys, *common, *TINY, "--out", str(tmp_path / "first"))
+    assert code == 0, err
+    (tmp_path / "left").mkdir()  # a run.json left by a start that failed before any picture was made
+    shutil.copy(tmp_path / "first" / "run.json", tmp_path / "left" / "run.json")
+    code, out, err = evaluate(capsys, *common, *TINY, "--steps", "3", "--out", str(tmp_path / "left"))
+    assert code == 0 and "1 generated" in out, err
+    assert json.loads((tmp_path / "left" / "run.json").read_text())["settings"]["steps"] == 3
+
+
+def test_a_dry_run_checks_the_scoring_models_as_the_run_does(tmp_path, capsys):
+    common = ["--benchmark", str(manifest(tmp_path)), *TINY, "--out", str(tmp_path / "run")]
+    code, _, run_err = evaluate(capsys, *common)
+    code_dry, out, dry_err = evaluate(capsys, *common, "--dry-run")
+    assert code == code_dry == 2 and len(dry_err) == 1 and dry_err == run_err
+    assert "could not load the CLIP scoring model" in dry_err[0] and "--clip-model DIR" in dry_err[0]
+    assert "or pass --no-score" in dry_err[0] and "dry run:" not in out
+
+
+def test_a_dry_run_counts_what_the_run_then_generates_after_a_caption_changed(tmp_path, capsys):
+    common = [*TINY, "--method", "conceptrol", "--no-score", "--out", str(tmp_path / "run")]
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon", "a dog in a cafe"))),
+                            *common)
+    assert code == 0, err
+    edited = manifest(tmp_path, ("a dog on the sun", "a dog in a cafe"))  # the first case's prompt changed
+    code, out, err = evaluate(capsys, "--benchmark", str(edited), *common, "--dry-run")
+    assert code == 0 and "dry run: 1 of 2 jobs to generate conceptrol at scale 1: 1" in out, err
+    assert "conceptrol/1/0/d0: 'a dog on the sun'" in out
+    code, out, err = evaluate(capsys, "--benchmark", str(edited), *common)
+    assert code == 0 and "1 generated" in out, err
+
+
+def last_double_block(kind):
+    from conceptrol.app.offline_demo import tiny_pipeline
+
+    return f"transformer_blocks.{len(tiny_pipeline(kind).transformer.transformer_blocks) - 1}"
+
+
+def test_tiny_flux_runs_with_its_own_default_concept_block(tmp_path, capsys):
+    code, out, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))),
+                              "--model", "tiny-flux", *TINY[2:], "--method", "conceptrol", "--no-score",
+                              "--out", str(tmp_path / "run"))
+    assert code == 0 and "1 generated (0 failed)" in out, err
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert stored["settings"]["concept_layer"] == last_double_block("flux")
+
+
+def test_a_concept_block_the_model_lacks_is_refused_by_the_dry_run(tmp_path, capsys):
+    from conceptrol.tiny import tiny_kontext
+
+    tiny_kontext(seed=0, double=2, single=1).save_pretrained(tmp_path / "short-kontext")  # a real folder, 2 blocks
+    common = ["--benchmark", str(manifest(tmp_path)), *TINY[2:], "--condition-size", "32", "--no-score",
+              "--dry-run", "--out", str(tmp_path / "run")]
+    code, _, err = evaluate(capsys, "--model", str(tmp_path / "short-kontext"), *common)
+    assert code == 2 and len(err) == 1, err
+    assert "default concept block 'transformer_blocks.18' is not a block" in err[0]
+    assert "--concept-layer transformer_blocks.1" in err[0]
+    code, _, err = evaluate(capsys, "--model", "tiny-flux", *common, "--concept-layer", "transformer_blocks.5")
+    assert code == 2 and len(err) == 1 and "'transformer_blocks.5' is not a block" in err[0], err
+
+
+@pytest.mark.parametrize("model,adapter", [("tiny-flux-ip", "xlabs-ip"), ("tiny-flux-redux", "redux")])
+def test_run_json_and_report_name_the_adapter_a_tiny_flux_model_carries(tmp_path, capsys, model, adapter):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), "--model", model,
+                            *TINY[2:], "--method", "conceptrol", "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["adapter"] == adapter
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert f"adapter {adapter}," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model,args,message", [
+    ("tiny", ["--adapter", "nonsense"], "unknown adapter 'nonsense'"),
+    ("tiny", ["--adapter", "base"], "--model tiny carries the adapter plus only; leave out --adapter base"),
+    ("tiny-flux", ["--adapter", "xlabs-ip"], "or use --model tiny-flux-ip"),
+    ("tiny-flux-kontext", ["--size", "40x40", "--condition-size", "32"], "multiples of 16"),
+    ("tiny", ["--size", "36x36"], "multiples of 8"),
+])
+def test_tiny_models_get_the_checks_real_models_get(tmp_path, capsys, model, args, message):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path)), "--model", model, "--steps", "2",
+                            "--no-score", *args, "--dry-run", "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--limit", "-1"], "--limit must be at least 1"),
     (["--seeds", "-3"], "seed must be an integer from 0 to 2**63-1"),
@@ -106,6 +260,33 @@ def test_scoring_models_that_cannot_be_loaded_fail_before_generating(tmp_path, c
                             "--out", str(tmp_path / "run"))
     assert code == 2 and len(err) == 1 and "--clip-model ./my-clip: no such folder" in err[0] and "--no-score" in err[0]
     assert not list((tmp_path / "run").glob("generations*"))
+
+
+def test_a_manifest_line_that_is_not_json_is_named_by_its_line_and_column(tmp_path, capsys):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "dog.jpg")
+    good, bad = '{"image": "dog.jpg", "prompt": "a dog", "concept": "dog"}', '{"image": "dog.jpg" "prompt": "x"}'
+    (tmp_path / "bad_json.jsonl").write_text(f"{good}\n{bad}\n")
+    column = bad.index('"prompt"') + 1  # json counts columns from 1
+    code, _, err = evaluate(capsys, "--benchmark", str(tmp_path / "bad_json.jsonl"), *TINY, "--no-score",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1
+    assert f"bad_json.jsonl line 2: Expecting ',' delimiter (column {column})" in err[0], err
+
+
+def test_manifest_extensions_are_read_in_any_case_and_a_json_file_is_told_to_become_jsonl(tmp_path, capsys):
+    upper = tmp_path / "GOOD.JSONL"
+    upper.write_text(manifest(tmp_path).read_text())
+    code, out, err = evaluate(capsys, "--benchmark", str(upper), *TINY, "--no-score", "--dry-run",
+                              "--out", str(tmp_path / "run"))
+    assert code == 0 and f"benchmark {upper}: 2 cases" in out, err
+    (tmp_path / "GOOD.CSV").write_text("id,image,prompt,concept\nd0,dog.png,a dog on the moon,dog\n")
+    code, out, err = evaluate(capsys, "--benchmark", str(tmp_path / "GOOD.CSV"), *TINY, "--no-score", "--dry-run",
+                              "--out", str(tmp_path / "run"))
+    assert code == 0 and "1 cases" in out, err
+    (tmp_path / "good.json").write_text(upper.read_text())
+    code, _, err = evaluate(capsys, "--benchmark", str(tmp_path / "good.json"), *TINY, "--no-score", "--dry-run",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and "rename to .jsonl (one object per line)" in err[0], err
 
 
 def test_duplicate_values_run_once_with_a_warning(tmp_path, capsys):
@@ -167,6 +348,43 @@ def test_report_of_a_moved_and_damaged_run_counts_what_it_skips(tmp_path, capsys
     assert table.splitlines()[2].split()[:5] == ["conceptrol", "1", "3", "0", "0"]  # images, failed, scored
     page = (moved / "report.html").read_text()
     assert page.count("<i>missing</i>") == 2 and page.count("<img") == 3 + 1  # 3 references, 1 readable output
+
+
+def test_report_counts_records_that_lack_a_field_as_malformed_and_skips_them(tmp_path, capsys):
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon", "a dog in a cafe"))),
+                            *TINY, "--method", "conceptrol", "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    generations = [json.loads(line) for line in (tmp_path / "run" / "generations.rank0.jsonl").read_text().splitlines()]
+    scores = [{"key": g["key"], "generation_id": g["generation_id"], "finished": g["finished"], "clip_t": 0.3}
+              for g in generations]  # no clip_i, no dino
+    (tmp_path / "run" / "scores.rank0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    damaged = [{"key": "conceptrol/1/0/d0", "method": "conceptrol"},  # no scale, no status, ...
+               {k: v for k, v in generations[1].items() if k != "status"} | {"finished": 1e12}]
+    with (tmp_path / "run" / "generations.rank0.jsonl").open("a") as f:
+        f.write("".join(json.dumps(g) + "\n" for g in damaged))
+    code = main(["report", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    assert f"{len(scores) + len(damaged)} record lines could not be read" in out
+    table = out[out.index("method"):]
+    assert table.splitlines()[2].split()[:5] == ["conceptrol", "1", "2", "0", "0"]  # the damaged lines left no mark
+    assert "no scores yet" in out
+
+
+def test_report_html_grid_says_which_seed_it_shows_and_every_image_has_alt_text(tmp_path, capsys):
+    import re
+
+    code, _, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))), *TINY,
+                            "--method", "conceptrol", "--seeds", "3", "1", "--no-score", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    images = re.findall(r"<img [^>]*>", page)
+    assert images and all(re.search(r' alt="[^"]+"', tag) for tag in images)
+    grid = page[page.index("<h2>Reference"):]
+    assert grid.startswith("<h2>Reference &rarr; outputs, seed 1</h2>")  # the lowest of the run's seeds
+    assert "seeds 1, 3" in grid and 'alt="conceptrol 1, seed 1: a dog on the moon"' in grid
+    assert "seed 3:" not in grid
 
 
 @pytest.fixture(autouse=True)

@@ -75,14 +75,18 @@ def test_manifest_rows_resolve_images_next_to_the_manifest(tmp_path, suffix):
     assert case.case_id == "c1" and case.image == (tmp_path / "cat.png").resolve() and case.concept == "cat"
 
 
-def test_manifest_errors_name_the_row(tmp_path):
+def test_manifest_errors_name_the_line_of_the_row(tmp_path):
     manifest = tmp_path / "set.jsonl"
-    manifest.write_text(json.dumps({"image": "nope.png", "prompt": "a cat", "concept": "cat"}))
-    with pytest.raises(ConceptrolError, match="row 1: image .*nope.png does not exist"):
+    manifest.write_text("\n" + json.dumps({"image": "nope.png", "prompt": "a cat", "concept": "cat"}))
+    with pytest.raises(ConceptrolError, match="set.jsonl line 2: image .*nope.png does not exist"):
         load_benchmark(manifest)
     manifest.write_text(json.dumps({"image": "nope.png", "prompt": "a cat"}))
-    with pytest.raises(ConceptrolError, match="row 1 lacks concept"):
+    with pytest.raises(ConceptrolError, match="set.jsonl line 1: the row lacks concept"):
         load_benchmark(manifest)
+    csv_manifest = tmp_path / "set.csv"
+    csv_manifest.write_text("image,prompt,concept\nnope.png,a cat,\n")
+    with pytest.raises(ConceptrolError, match="set.csv line 2: the row lacks concept"):  # line 1 is the header
+        load_benchmark(csv_manifest)
     with pytest.raises(ConceptrolError, match="neither a DreamBench"):
         load_benchmark(tmp_path)
 

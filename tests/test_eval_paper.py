@@ -8,7 +8,8 @@ import re
 import pytest
 from PIL import Image
 
-from conceptrol import ConceptrolError
+from conceptrol import CONCEPT_LAYERS, ConceptrolError
+from conceptrol.app.settings import NEGATIVE_PROMPT
 from conceptrol.eval.paper import PAPER_TABLE, RESAMPLES, paper_gain, paper_rows, resample_indices
 from conceptrol.eval.report import paper_report, report
 from conceptrol.eval.rundata import load_run
@@ -18,15 +19,34 @@ def image(method, scale, seed, case, cp, pf, status="ok"):
     return {"method": method, "scale": scale, "seed": seed, "case": case, "cp": cp, "pf": pf, "status": status}
 
 
-def make_run(out, profile, images, judge_errors=()):
+PAPER_SETTINGS = {  # ALGORITHM.md's settings of each Table 1 entry, as run.json records them
+    "sd15": dict(adapter="plus", size="512x512", steps=50, guidance=7.5, negative_prompt=NEGATIVE_PROMPT, start=0.2,
+                 end=1.0, concept_layer=CONCEPT_LAYERS["sd15"]),
+    "sdxl": dict(adapter="plus", size="1024x1024", steps=50, guidance=6.0, negative_prompt=NEGATIVE_PROMPT, start=0.2,
+                 end=1.0, concept_layer=CONCEPT_LAYERS["sdxl"]),
+    "flux": dict(adapter="subject", size="512x512", steps=8, condition_size=512, start=0.0, end=1.0,
+                 concept_layer=CONCEPT_LAYERS["flux"]),
+}
+
+
+def run_json(profile, protocol="dreambench-plus", **overrides):
+    """run.json of a protocol run at the paper's settings (other profiles: no protocol), with `overrides` applied."""
+    settings = {"architecture": profile, "model": "/models/sd", **PAPER_SETTINGS.get(profile, {}), **overrides}
+    preset = [name for name in ("adapter", "size", "steps", "guidance", "negative_prompt", "condition_size", "start",
+                                "scale") if name not in overrides]
+    return {"format": 1, "settings": settings, "benchmark": "/data/dreambench", "conceptrol": "0.2",
+            "protocol": protocol if profile in PAPER_SETTINGS else None, "from_preset": preset}
+
+
+def make_run(out, profile, images, judge_errors=(), stored=None):
     """A run folder as `conceptrol evaluate` leaves it: run.json, one generation and one verdict per image.
 
-    An image with cp None is generated but not judged; `judge_errors` are keys whose verdict failed.
+    An image with cp None is generated but not judged; one with status "error" failed to generate; `judge_errors`
+    are keys whose verdict failed; `stored` is run.json (default: `run_json(profile)`).
     """
     (out / "images").mkdir(parents=True)
     Image.new("RGB", (8, 8), "red").save(out / "reference.png")
-    (out / "run.json").write_text(json.dumps({"format": 1, "settings": {"architecture": profile, "steps": 50},
-                                              "benchmark": "/data/dreambench", "conceptrol": "0.2"}))
+    (out / "run.json").write_text(json.dumps(stored or run_json(profile)))
     generations, verdicts = [], []
     for i, item in enumerate(images):
         key = f"{item['method']}/{item['scale']:g}/{item['seed']}/{item['case']}"
@@ -34,9 +54,11 @@ def make_run(out, profile, images, judge_errors=()):
         Image.new("RGB", (8, 8), "blue").save(out / picture)
         generations.append({"key": key, "case_id": item["case"], "method": item["method"], "scale": item["scale"],
                             "seed": item["seed"], "prompt": f"a {item['case']} on the moon", "concept": item["case"],
-                            "category": "object", "reference": str(out / "reference.png"), "status": "ok",
+                            "category": "object", "reference": str(out / "reference.png"), "status": item["status"],
                             "image": picture, "generation_id": f"g{i}", "finished": 1.0})
-        if key in judge_errors:
+        if item["status"] != "ok":
+            generations[-1] |= {"error": f"concept {item['case']!r} not found"}
+        elif key in judge_errors:
             verdicts.append({"key": key, "generation_id": f"g{i}", "status": "error", "error": "timeout",
                              "finished": 2.0})
         elif item["cp"] is not None:
@@ -77,14 +99,18 @@ PF = [0.25, 0.5, 0.5, 0.75, 0.0, 1.0]
 CASES = ["bear", "cat", "dog", "car", "hat", "vase"]
 
 
-def sd15_run(out, seeds=(0,), conceptrol_scale=1.5):
+def sd15_images(seeds=(0,), conceptrol_scale=1.5):
     """ip-adapter 0.6 with CP/PF above; conceptrol with CP halved and PF raised, on the same cases and seeds."""
     images = []
     for seed in seeds:
         for case, cp, pf in zip(CASES, CP, PF):
             images.append(image("ip-adapter", 0.6, seed, case, cp, pf))
             images.append(image("conceptrol", conceptrol_scale, seed, case, cp / 2, min(1.0, pf + 0.25)))
-    return make_run(out, "sd15", images)
+    return images
+
+
+def sd15_run(out, seeds=(0,), conceptrol_scale=1.5):
+    return make_run(out, "sd15", sd15_images(seeds, conceptrol_scale))
 
 
 def test_table_1_is_the_papers_and_its_cp_pf_is_the_product_of_its_cp_and_pf():
@@ -282,4 +308,53 @@ def test_report_html_of_a_run_without_a_paper_comparison_still_works(tmp_path, p
     run = make_run(tmp_path, profile, [image("conceptrol", 1.0, 0, "dog", score, score)])
     report(run)
     page = (run / "report.html").read_text()
-    assert "<h2>Reference &rarr; outputs</h2>" in page and "Table 1 of arXiv" not in page
+    assert "<h2>Reference &rarr; outputs, seed 0</h2>" in page and "Table 1 of arXiv" not in page
+
+
+def test_a_run_made_without_the_protocol_is_not_set_beside_table_1(tmp_path):
+    run = sd15_run(tmp_path)
+    (run / "run.json").write_text(json.dumps(run_json("sd15", protocol=None)))
+    lines = paper_report(run)
+    text = "\n".join(lines)
+    assert lines[0].startswith("not set beside Table 1 of arXiv 2503.06568 (IP-Adapter, SD 1.5): it was made without "
+                               "--protocol dreambench-plus")
+    header = lines[1].splitlines()[0]
+    assert "paper" not in header and header.endswith("CP·PF gain [95%]")
+    assert "0.881" not in text and "0.500 / 0.795" not in text and "+89%" not in text and "1,350" not in text
+    conceptrol = next(line for line in lines[1].splitlines() if line.startswith("conceptrol"))
+    assert re.search(r"[+-]\d+% \[[+-]\d+%, [+-]\d+%\]$", conceptrol)  # our own gain stays
+    page = (run / "report.html").read_text()
+    assert "not set beside Table 1" in page and "0.881" not in page
+
+
+def test_overridden_protocol_settings_are_named_in_one_line_and_equal_values_are_not(tmp_path):
+    stored = run_json("sd15", steps=2, size="32x32", model="tiny", guidance=7.5)  # guidance given, the paper's value
+    lines = paper_report(make_run(tmp_path / "quick", "sd15", sd15_images(), stored=stored))
+    assert lines[0].startswith("not set beside Table 1") and "\n" not in lines[0]
+    for named in ("steps 2 (the paper's: 50)", "size 32x32 (the paper's: 512x512)", "model tiny (random weights)"):
+        assert named in lines[0]
+    assert "guidance" not in lines[0] and "0.881" not in "\n".join(lines)
+    exact = run_json("sd15", steps=50)  # given with --steps 50: the paper's own value
+    lines = paper_report(make_run(tmp_path / "exact", "sd15", sd15_images(), stored=exact))
+    assert lines[0].startswith("Table 1 of arXiv") and "0.881 / 0.238 / 0.210" in lines[1]
+
+
+def test_too_few_images_get_no_interval_and_never_nan(tmp_path):
+    images = [image("ip-adapter", 0.6, 0, "dog", 0.0, 0.5), image("ip-adapter", 0.6, 0, "cat", 1.0, 1.0),
+              image("conceptrol", 1.5, 0, "dog", 0.5, 0.5), image("conceptrol", 1.5, 0, "cat", 0.5, 0.5)]
+    rows = paper_rows(load_run(make_run(tmp_path, "sd15", images)))
+    assert any(math.isnan(bound) for bound in row_of(rows, "conceptrol", 1.5)["gain_ci"])  # a resample of 'dog' only
+    lines = paper_report(tmp_path)
+    table = lines[1]
+    assert "nan" not in "\n".join(lines) and table.count("[too few images]") == 2 * 3 + 1
+
+
+def test_failed_and_unpaired_images_are_counted_next_to_the_comparison(tmp_path):
+    images = sd15_images()
+    images += [image("ip-adapter", 0.6, 0, "frog", None, None, "error"),
+               image("conceptrol", 1.5, 0, "frog", None, None, "error"),  # a concept missing fails both rows
+               image("conceptrol", 1.5, 1, "bear", 0.5, 0.5)]  # judged, but no baseline image with seed 1
+    notes = "\n".join(paper_report(make_run(tmp_path, "sd15", images)))
+    assert "2 jobs failed and are left out of the rows (conceptrol 1.5: 1, ip-adapter 0.6: 1;" in notes
+    judged = sum(1 for i in images if i["method"] == "conceptrol" and i["status"] == "ok")
+    assert f"1 of its {judged} judged images have no ip-adapter image to pair with" in notes

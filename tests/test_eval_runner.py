@@ -12,9 +12,9 @@ from PIL import Image
 from test_eval_metrics import models  # noqa: F401  (fixture)
 
 from conceptrol import ConceptrolError
+from conceptrol.app.generate import GenerateSettings, run_conceptrol
 from conceptrol.eval.benchmark import Case
 from conceptrol.eval.runner import generate_pass, jobs, read_all, score_pass
-from conceptrol.app.generate import GenerateSettings, run_conceptrol
 from conceptrol.tiny import load_tiny_ip_adapter, tiny_sd15_pipeline
 
 BASE = GenerateSettings(prompt="(each case)", concept=("x",), image=(__file__,), steps=2, size=(32, 32), start=0.0)

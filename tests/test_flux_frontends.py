@@ -9,8 +9,6 @@ from helpers import run_main
 from PIL import Image
 from test_eval_cli import manifest
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

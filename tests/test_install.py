@@ -6,8 +6,8 @@ from helpers import SD15_LAYER, reference_image
 from test_numerics import PROMPT, kwargs, make_pipe
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol, find_concept_span
-from conceptrol.unet.processor import ConceptrolIPAdapterProcessor
 from conceptrol.tiny import tiny_sd15_pipeline
+from conceptrol.unet.processor import ConceptrolIPAdapterProcessor
 
 
 def test_remove_restores_the_same_processor_objects_and_outputs():

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conceptrol.flux.ominicontrol.transformer import ConditionTokens, OminiControlTransformer, StepInputs, lora_layers
+
 from conceptrol.flux.ominicontrol.attention import FluxCall
+from conceptrol.flux.ominicontrol.transformer import ConditionTokens, OminiControlTransformer, StepInputs, lora_layers
 from conceptrol.tiny import flux_transformer
 
 TEXT, SIDE = 5, 4  # text tokens; latent and condition grids are SIDE x SIDE

@@ -8,9 +8,9 @@ from helpers import run_main, send_chat_answer
 from test_eval_data import dreambench_plus
 
 from conceptrol import ConceptrolError
+from conceptrol.app.settings import NEGATIVE_PROMPT
 from conceptrol.eval.evaluate import EvaluateSettings
 from conceptrol.eval.protocol import apply_protocol
-from conceptrol.app.settings import NEGATIVE_PROMPT
 
 FAST = ["--steps", "2", "--size", "32x32", "--no-score"]
 
@@ -51,6 +51,20 @@ def test_evaluate_with_the_protocol_runs_each_row_at_its_own_scale_and_warm_up(c
     assert stored["protocol"] == "dreambench-plus" and "guidance" in stored["from_preset"]
     assert "steps" not in stored["from_preset"] and stored["settings"]["guidance"] == 7.5
     assert stored["settings"]["negative_prompt"] == NEGATIVE_PROMPT
+
+
+def test_resuming_with_the_protocol_dropped_or_added_is_refused(clone, tmp_path, capsys):
+    with_protocol = ["--protocol", "dreambench-plus", "--benchmark", str(clone)]
+    without = ["--benchmark", str(clone / "data")]  # the same cases, without Table 1's settings and judge
+    for first, then, stored in ((with_protocol, without, "protocol dreambench-plus there, none now"),
+                                (without, with_protocol, "protocol none there, dreambench-plus now")):
+        out = tmp_path / f"run-{len(first)}"
+        code, _, err = run_main(capsys, "evaluate", *first, "--model", "tiny", *FAST, "--out", str(out))
+        assert code == 0, err
+        made = (out / "generations.rank0.jsonl").read_text()
+        code, _, err = run_main(capsys, "evaluate", *then, "--model", "tiny", *FAST, "--out", str(out))
+        assert code == 2 and len(err) == 1 and stored in err[0] and "pass a new --out" in err[0], err
+        assert (out / "generations.rank0.jsonl").read_text() == made
 
 
 def test_a_clone_without_its_data_folder_is_one_line(tmp_path, capsys):
@@ -127,7 +141,8 @@ def test_a_judged_protocol_run_prints_its_cost_asks_for_yes_and_judges_with_the_
     assert code == 2 and "template(s) gpt_prompt_text_full.txt changed" in err[-1]
 
 
-def test_report_paper_after_a_judged_protocol_run_puts_ours_next_to_table_1(clone, tmp_path, capsys, judge_server):
+def test_report_paper_on_a_protocol_run_with_overridden_settings_names_them_instead_of_the_paper(clone, tmp_path,
+                                                                                                  capsys, judge_server):
     url, _ = judge_server
     code, _, err = run_main(capsys, "evaluate", "--protocol", "dreambench-plus", "--benchmark", str(with_templates(clone)),
                        "--model", "tiny", *FAST, "--judge-url", url, "--judge-runs", "1", "--yes",
@@ -135,12 +150,27 @@ def test_report_paper_after_a_judged_protocol_run_puts_ours_next_to_table_1(clon
     assert code == 0, err
     code, printed, err = run_main(capsys, "report", "--paper", str(tmp_path / "run"))
     assert code == 0, err
+    assert printed[0].startswith("not set beside Table 1 of arXiv 2503.06568 (IP-Adapter, SD 1.5)")
+    for named in ("steps 2 (the paper's: 50)", "size 32x32 (the paper's: 512x512)", "model tiny (random weights)"):
+        assert named in printed[0]
     rows = [line.split() for line in printed if line.startswith(("ip-adapter", "conceptrol"))]
     assert [row[:3] for row in rows] == [["ip-adapter", "0.6", "2"], ["conceptrol", "1.5", "2"]]
-    assert "0.881 / 0.238 / 0.210" in printed[3] and "+89%" in printed[4]  # the paper's SD 1.5 rows and gain
+    text = "\n".join(printed)
+    assert "0.881" not in text and "+89%" not in text and "nan" not in text and "[too few images]" in text
     assert (tmp_path / "run" / "paper.png").is_file()
     code, _, err = run_main(capsys, "report", "--baseline-scale", "0.6", str(tmp_path / "run"))
     assert code == 2 and "--baseline-scale goes with --paper" in err[-1]
+
+
+def test_report_paper_on_a_run_without_the_protocol_says_so_in_one_line(clone, tmp_path, capsys, judge_server):
+    url, _ = judge_server
+    code, _, err = run_main(capsys, "evaluate", "--benchmark", str(clone / "data"), "--model", "tiny", *FAST,
+                            "--judge-url", url, "--judge-runs", "1", "--yes", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    code, printed, err = run_main(capsys, "report", "--paper", str(tmp_path / "run"))
+    assert code == 0, err
+    assert printed[0].startswith("not set beside Table 1") and "without --protocol dreambench-plus" in printed[0]
+    assert "paper CP" not in printed[1] and "0.881" not in "\n".join(printed)
 
 
 def test_a_judge_that_wants_a_key_when_none_is_set_says_which_variable(clone, tmp_path, capsys, monkeypatch):
@@ -167,3 +197,44 @@ def test_a_judge_that_wants_a_key_when_none_is_set_says_which_variable(clone, tm
         server.shutdown()
     assert code == 2 and len(err) == 1 and "wants an API key (HTTP 401) and none is set" in err[0]
     assert "OPENAI_API_KEY" in err[0]
+
+
+def test_a_missing_judge_template_names_the_protocol_flag(clone, tmp_path, capsys):
+    (with_templates(clone) / "dreambench_plus" / "prompts" / "gpt_prompt_style_full.txt").unlink()
+    code, _, err = run_main(capsys, "evaluate", "--protocol", "dreambench-plus", "--benchmark", str(clone),
+                            "--model", "tiny", *FAST, "--judge-url", "http://127.0.0.1:9/v1", "--yes", "--dry-run",
+                            "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and "gpt_prompt_style_full.txt is missing" in err[0]
+    assert "for --protocol dreambench-plus the --benchmark must be a clone" in err[0]
+    assert "--judge-protocol" not in err[0]
+
+
+def test_the_judge_cost_counts_only_the_jobs_that_can_be_judged(tmp_path, capsys, judge_server):
+    url, _ = judge_server
+    root = tmp_path / "dreambench_plus"
+    captions = {("live_subject/animal", "00"): "corgi dog\na dog on the moon\na corgi in the snow\n",
+                ("object", "00"): "red backpack\na backpack on a rock\n"}
+    dreambench_plus(root / "data", captions)
+    judgeable = 2 * 2  # two methods x the two prompts that hold their concept ('a corgi in the snow' lacks 'dog')
+    code, printed, err = run_main(capsys, "evaluate", "--protocol", "dreambench-plus", "--benchmark",
+                                  str(with_templates(root)), "--model", "tiny", *FAST, "--judge-url", url,
+                                  "--judge-runs", "1", "--dry-run", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "dry run: 6 of 6 jobs to generate" in " ".join(printed)  # all are tried; two will fail
+    assert f"judge: {judgeable} images x 2 questions x 1 runs = {judgeable * 2} judge calls" in " ".join(printed)
+
+
+def test_the_judge_cost_after_an_edited_caption_counts_the_pictures_made_again(clone, tmp_path, capsys, judge_server):
+    url, seen = judge_server
+    args = ["evaluate", "--protocol", "dreambench-plus", "--benchmark", str(with_templates(clone)), "--model", "tiny",
+            *FAST, "--judge-url", url, "--judge-runs", "1", "--yes", "--out", str(tmp_path / "run")]
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    caption = clone / "data" / "captions" / "object" / "00.txt"
+    caption.write_text(caption.read_text().replace("on a rock", "on a boat"))  # one case of two, for both methods
+    code, printed, err = run_main(capsys, *args, "--dry-run")
+    assert code == 0, err
+    assert "judge: 2 images x 2 questions x 1 runs = 4 judge calls" in " ".join(printed)
+    asked = len(seen)
+    code, _, err = run_main(capsys, *args)
+    assert code == 0 and len(seen) - asked == 4, err  # the run asks what the dry run counted

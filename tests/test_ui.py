@@ -17,13 +17,27 @@ import pytest
 from PIL import Image
 
 from conceptrol import Concept, ConceptrolError, find_concept_span
-from conceptrol.demo import (CompareRequest, LocalBackend, UIOptions, build_demo, check_can_serve, parse_file_size,
-                             request_from_api, request_from_inputs)
-from conceptrol.demo.backend import DEMO_CHOICES, Comparison, model_choice
-from conceptrol.demo.concept_words import (concept_from_text, concept_from_words, keep_selection, preselect,
-                                           prompt_words, word_choices)
 from conceptrol.app.generate import GenerateSettings, run_conceptrol
 from conceptrol.app.offline_demo import reference_picture, tiny_pipeline
+from conceptrol.demo import (
+    CompareRequest,
+    LocalBackend,
+    UIOptions,
+    build_demo,
+    check_can_serve,
+    parse_file_size,
+    request_from_api,
+    request_from_inputs,
+)
+from conceptrol.demo.backend import DEMO_CHOICES, Comparison, model_choice
+from conceptrol.demo.concept_words import (
+    concept_from_text,
+    concept_from_words,
+    keep_selection,
+    preselect,
+    prompt_words,
+    word_choices,
+)
 
 
 def positions(*indices):

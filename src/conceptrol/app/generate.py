@@ -14,7 +14,6 @@ from PIL import Image
 
 from ..core.concepts import Concept
 from ..core.config import ConceptrolConfig
-from ..core.errors import ConceptrolError
 from ..core.images import load_reference_image
 from .outputs import (
     check_output_dir,
@@ -59,7 +58,8 @@ def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
     if pipe is None and tiny_profile(settings.model):
         pipe = tiny_model(settings)
     if pipe is not None:
-        check_settings(settings, info_from_pipeline(pipe), check_adapter=False)
+        check_settings(settings, info_from_pipeline(pipe, as_real=tiny_profile(settings.model) is not None),
+                       check_adapter=False)
         return Checked(out, references, pipe)
     info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
     check_settings(settings, info)
@@ -102,15 +102,9 @@ def pipeline_for(settings: ModelSource | GenerateSettings, flags: dict[str, str]
 def tiny_model(settings: ModelSource | GenerateSettings) -> Any:
     """The tiny offline model `settings.model` names, on the settings' device and dtype; flags that choose real
     weights are refused (a tiny model carries its own random adapter)."""
-    from .loading import PROFILE_ADAPTERS, pick_device, pick_dtype, tiny_pipeline
+    from .loading import check_tiny_flags, pick_device, pick_dtype, tiny_pipeline
 
-    profile = tiny_profile(settings.model)
-    adapter = PROFILE_ADAPTERS[profile]
-    if settings.adapter not in (None, adapter):
-        raise ConceptrolError(f"--model {settings.model} carries the adapter {adapter!r}; leave out --adapter "
-                              f"{settings.adapter} (or pick a real model)")
-    if settings.adapter_repo is not None:
-        raise ConceptrolError(f"--model {settings.model} carries its own random adapter; leave out --adapter-repo")
+    profile = check_tiny_flags(settings.model, settings.adapter, settings.adapter_repo)
     device = pick_device(settings.device)
     return tiny_pipeline(profile).to(device, pick_dtype(settings.dtype, device, settings.model))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import ConceptrolError
-from .settings import TINY_MODELS, check_device_name, check_dtype
+from .settings import TINY_MODELS, check_device_name, check_dtype, tiny_profile
 
 if TYPE_CHECKING:
     import torch
@@ -288,6 +288,27 @@ def _fetch(what: str, source: str, flag: str, load: Callable[[], Any]) -> Any:
                 f"if the Hugging Face Hub is unreachable from here, download it where it is "
                 f"(`hf download {source} --local-dir DIR`) and pass {flag} DIR")
         raise ConceptrolError(f"could not load {what} from {source!r}: {reason}; {hint}") from None
+
+
+# adapter -> the tiny model that carries it
+TINY_WITH = {"plus": "tiny-sd15", "subject": "tiny-flux", "xlabs-ip": "tiny-flux-ip", "kontext": "tiny-flux-kontext",
+             "redux": "tiny-flux-redux"}
+
+
+def check_tiny_flags(model: str, adapter: str | None, adapter_repo: str | None) -> str:
+    """A tiny model's profile; it carries one random adapter, so another --adapter or any --adapter-repo is refused
+    (an adapter name no model has gets the real models' message)."""
+    profile = tiny_profile(model)
+    carried = PROFILE_ADAPTERS[profile]
+    if adapter is not None and adapter != carried:
+        family = "sd15" if profile == "sd15" else "flux"
+        if adapter not in ADAPTERS[family] and adapter != "kontext":
+            adapter_weights(family, adapter)
+        other = f", or use --model {TINY_WITH[adapter]}" if adapter in TINY_WITH else ""
+        raise ConceptrolError(f"--model {model} carries the adapter {carried} only; leave out --adapter {adapter}{other}")
+    if adapter_repo is not None:
+        raise ConceptrolError(f"--model {model} carries its own random adapter; leave out --adapter-repo")
+    return profile
 
 
 def tiny_pipeline(model: str = "sd15", seed: int = 0):

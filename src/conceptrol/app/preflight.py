@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,14 @@ class ModelInfo:
         return self.loaded_profile or profile_for(self.adapter_family, adapter)
 
 
-def info_from_pipeline(pipe: Any) -> ModelInfo:
-    """The ModelInfo of a loaded pipeline (its adapter loaded; Redux as ReduxPipelines)."""
+def info_from_pipeline(pipe: Any, as_real: bool = False) -> ModelInfo:
+    """The ModelInfo of a loaded pipeline (its adapter loaded; Redux as ReduxPipelines). `as_real`: a tiny model,
+    checked as the real model it stands for (sizes in multiples of the real VAE's: 8 on SD, 16 on FLUX)."""
+    info = _info_from_pipeline(pipe)
+    return replace(info, pixel_multiple=16 if info.architecture == "flux" else 8) if as_real else info
+
+
+def _info_from_pipeline(pipe: Any) -> ModelInfo:
     from ..unet import detect_architecture
 
     profile = pipeline_profile(pipe)

@@ -15,6 +15,7 @@ from ..app.outputs import safe_name
 from ..core.errors import ConceptrolError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MANIFEST_SUFFIXES = (".jsonl", ".csv")  # compared in lower case: SET.JSONL is a manifest too
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,11 @@ def load_benchmark(path: str | Path) -> list[Case]:
         cases = load_dreambench_plus(path)
     elif path.is_dir() and (path / "prompts_and_classes.txt").is_file():
         cases = load_dreambench(path)
-    elif path.is_file() and path.suffix in (".jsonl", ".csv"):
+    elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
         cases = load_manifest(path)
+    elif path.is_file() and path.suffix.lower() == ".json":
+        raise ConceptrolError(f"{path} is a .json file; a manifest is read from .jsonl or .csv only: rename to .jsonl "
+                              "(one object per line)")
     else:
         raise ConceptrolError(
             f"{path} is neither a DreamBench++ folder (images/, captions/), a DreamBench folder "
@@ -138,22 +142,9 @@ def load_manifest(path: Path) -> list[Case]:
     """Rows with image, prompt, concept (and optional id, category); image paths relative to the manifest.
 
     A row without an id is keyed by its content (image file, prompt, concept), so editing a manifest never
-    makes one row's results stand for another's.
+    makes one row's results stand for another's. Errors name the file's line the row is on.
     """
-    rows = _manifest_rows(path)
-    cases = []
-    for number, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ConceptrolError(f"{path} row {number + 1} is not an object with image, prompt and concept")
-        missing = [key for key in ("image", "prompt", "concept") if not str(row.get(key) or "").strip()]
-        if missing:
-            raise ConceptrolError(f"{path} row {number + 1} lacks {', '.join(missing)}; each row needs image, prompt and concept")
-        image = (path.parent / str(row["image"])).resolve()
-        if not image.is_file():
-            raise ConceptrolError(f"{path} row {number + 1}: image {image} does not exist")
-        case = Case("", image, str(row["prompt"]), str(row["concept"]), str(row.get("category") or ""), str(row["concept"]))
-        case_id = str(row.get("id") or "").strip() or f"{safe_name(image.stem)}-{case.fingerprint[:10]}"
-        cases.append(Case(case_id, case.image, case.prompt, case.concept, case.category, case.subject))
+    cases = [_manifest_case(path, line, row) for line, row in _manifest_rows(path)]
     repeated = [case_id for case_id, count in Counter(c.case_id for c in cases).items() if count > 1]
     if repeated:
         raise ConceptrolError(f"{path} has repeated rows or ids ({', '.join(repeated[:3])}); every row needs its own "
@@ -161,14 +152,41 @@ def load_manifest(path: Path) -> list[Case]:
     return cases
 
 
-def _manifest_rows(path: Path) -> list:
+def _manifest_case(path: Path, line: int, row: object) -> Case:
+    """The case of one manifest row (on `line` of the file), checked."""
+    where = f"{path} line {line}"
+    if not isinstance(row, dict):
+        raise ConceptrolError(f"{where}: the row is not an object with image, prompt and concept")
+    missing = [key for key in ("image", "prompt", "concept") if not str(row.get(key) or "").strip()]
+    if missing:
+        raise ConceptrolError(f"{where}: the row lacks {', '.join(missing)}; each row needs image, prompt and concept")
+    image = (path.parent / str(row["image"])).resolve()
+    if not image.is_file():
+        raise ConceptrolError(f"{where}: image {image} does not exist")
+    case = Case("", image, str(row["prompt"]), str(row["concept"]), str(row.get("category") or ""), str(row["concept"]))
+    case_id = str(row.get("id") or "").strip() or f"{safe_name(image.stem)}-{case.fingerprint[:10]}"
+    return Case(case_id, case.image, case.prompt, case.concept, case.category, case.subject)
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, object]]:
+    """(line number in the file, row) of every row; a line that cannot be parsed is an error naming it."""
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix.lower() == ".jsonl":
+            lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+            return [(number, _json_line(path, number, line)) for number, line in lines if line.strip()]
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (ValueError, csv.Error) as error:
+            reader = csv.DictReader(f)
+            return [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as error:
         raise ConceptrolError(f"cannot read manifest {path}: {error}") from None
+
+
+def _json_line(path: Path, number: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:  # each line is parsed alone: json's own line number is always 1
+        raise ConceptrolError(f"cannot read manifest {path} line {number}: {error.msg} "
+                              f"(column {error.colno})") from None
 
 
 def _find_image(folder: Path, index: str) -> Path:

@@ -59,7 +59,7 @@ def load_templates(clone: Path) -> Templates:
                 data = path.read_bytes()
             except OSError:
                 raise ConceptrolError(
-                    f"DreamBench++'s judge template {path} is missing; for --judge-protocol dreambench-plus the "
+                    f"DreamBench++'s judge template {path} is missing; for --protocol dreambench-plus the "
                     "--benchmark must be a clone of the DreamBench++ repository (github.com/yuangpeng/dreambench_plus) "
                     "with its dreambench_plus/prompts folder") from None
             texts[kind] = data.decode("utf-8").strip()

@@ -8,18 +8,16 @@ adapter, the run folder's stored settings (run.json), the scoring backbones and 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..app.settings import GenerateSettings, check_number, check_seed
 from ..core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 from .benchmark import Case, describe, load_benchmark
+from .models import check_scoring_models, concept_layer, load_metrics, model_for
 from .protocol import PROTOCOLS, apply_protocol, dreambench_plus_data
-from .runs import check_run_file, run_identity
 
-CLIP_ID = "openai/clip-vit-base-patch32"
-DINO_ID = "facebook/dino-vits16"
 JUDGE_MODEL = "gpt-4o"
 JUDGE_RUNS = 3
 SCALE = 1.0
@@ -152,6 +150,7 @@ class Plan:
     pipe: Any  # a pipeline when cheap to build (tiny models), else None: loaded after the checks
     jobs: list  # every (case, method, scale, seed) of the run
     from_preset: tuple[str, ...] = ()
+    failing: frozenset[str] = frozenset()  # ids of the cases without their concept in the prompt: their jobs fail
 
 
 def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
@@ -172,7 +171,7 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
     if settings.dry_run:
         return summary
     before_loading()
-    metrics = None if settings.no_score else _load_metrics(settings, plan.base.device)
+    metrics = None if settings.no_score else load_metrics(settings, plan.base.device)
     pipe = plan.pipe if plan.pipe is not None else pipeline_for(plan.base)
     pipe.set_progress_bar_config(disable=True)
     with _progress("generate", rank, world) as progress:
@@ -187,17 +186,42 @@ def evaluate(settings: EvaluateSettings, echo: Callable[[str], None] = print,
 
 
 def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
-    """Every check, in order of cost; the run folder and run.json are created here (not in a dry run)."""
-    from ..app.outputs import prepare_output_dir
-    from .runner import BASELINES, jobs_for, process_device, process_rank
+    """Every check, in order of cost; run.json and judge.json are written once all have passed (not in a dry run)."""
+    from ..app.outputs import make_output_dir
+    from .runs import check_run_file, run_identity, run_record, write_judge_file, write_run_file
 
     data = dreambench_plus_data(settings.benchmark) if settings.protocol else settings.benchmark
-    cases = load_benchmark(data)[: settings.limit]
+    benchmark = load_benchmark(data)
+    cases = benchmark[: settings.limit]
     echo(f"benchmark {data}: {describe(cases)}")
-    out = Path(settings.out).expanduser() if settings.dry_run else prepare_output_dir(settings.out)
+    plan = _plan(settings, cases, echo)
+    record = run_record(run_identity(plan.settings, plan.base, plan.info), settings.benchmark, benchmark,
+                        settings.protocol, plan.from_preset)
+    check_run_file(plan.base.out, record)
+    if not settings.no_score:
+        check_scoring_models(settings)
+    judge = _check_judge(plan, echo)
+    if settings.dry_run:
+        _describe_plan(plan, echo)
+        return plan
+    make_output_dir(plan.base.out)
+    write_run_file(plan.base.out, record)
+    if judge is not None:
+        write_judge_file(plan.base.out, judge)
+    return plan
+
+
+def _plan(settings: EvaluateSettings, cases: list[Case], echo: Callable[[str], None]) -> Plan:
+    """The jobs, with the model's and the protocol's defaults filled in and checked against the model and each case;
+    the run folder is checked to be writable, and created only once every check has passed (check_run)."""
+    from ..app.outputs import check_output_dir
+    from .runner import BASELINES, jobs_for, process_device, process_rank
+
+    out = Path(settings.out).expanduser() if settings.dry_run else check_output_dir(settings.out)
     world = process_rank()[1]
     device = process_device() if world > 1 and settings.device == "auto" else settings.device
-    pipe, info = _model(settings, settings.template.replace(device=device, out=out))
+    pipe, info = model_for(settings, settings.template.replace(device=device, out=out))
+    settings = replace(settings, concept_layer=concept_layer(settings, info))
     profile = info.profile(settings.adapter)
     methods = settings.method or (BASELINES[profile], "conceptrol")
     if settings.protocol:
@@ -208,93 +232,71 @@ def check_run(settings: EvaluateSettings, echo: Callable[[str], None]) -> Plan:
     else:
         scales, from_preset = {m: settings.scale or (SCALE,) for m in methods}, ()
     base = settings.template.replace(device=device, out=out)
-    _check_cases(settings, base, info, cases, echo)
-    identity = run_identity(settings, base, info)
-    check_run_file(out, identity, settings.benchmark, write=not settings.dry_run,
-                   extra={"protocol": settings.protocol, "from_preset": list(from_preset)})
-    plan = Plan(settings, base, info, pipe, jobs_for(cases, scales, settings.seeds), from_preset)
-    _check_judge(plan, echo)
-    if settings.dry_run:
-        _describe_plan(plan, echo)
-    return plan
+    failing = _check_cases(settings, base, info, cases, echo)
+    return Plan(settings, base, info, pipe, jobs_for(cases, scales, settings.seeds), from_preset, failing)
 
 
-def _check_judge(plan: Plan, echo: Callable[[str], None]) -> None:
-    """The judge answers; its templates exist and did not change; its cost is printed and, unless --yes, confirmed."""
+def _check_judge(plan: Plan, echo: Callable[[str], None]) -> Any:
+    """The judge answers; its templates exist and did not change; its cost is printed and, unless --yes, confirmed.
+
+    Returns the judge's JudgeConfig (None without --judge-url).
+    """
     settings = plan.settings
     judge = settings.judge
     if judge is None:
-        return
+        return None
     from .judge import check_judge, judge_cost
     from .runs import check_judge_file
 
     check_judge(judge)
-    check_judge_file(plan.base.out, judge, write=not settings.dry_run)
-    from .runner import latest, read_all
-
-    judged = {key for key, r in latest(read_all(plan.base.out, "judgements")).items() if r.get("status", "ok") == "ok"}
-    pending = [job for job in plan.jobs if job.key not in judged] if plan.base.out.exists() else plan.jobs
+    check_judge_file(plan.base.out, judge)
+    pending = _to_judge(plan)
     echo(f"judge: {judge_cost(judge, len(pending), [job.case.category for job in pending]).describe()}")
     if settings.yes or settings.dry_run:
-        return
+        return judge
     import sys
 
     if not sys.stdin.isatty():
         raise ConceptrolError("a judged run costs money (see the line above); pass --yes to start it from a script")
     if input("Start the run? [y/N] ").strip().lower() not in ("y", "yes"):
         raise ConceptrolError("stopped before starting: nothing was generated or judged")
+    return judge
+
+
+def _to_judge(plan: Plan) -> list:
+    """The jobs a judged run will ask about: those still to generate and those whose picture has no verdict yet,
+    leaving out the jobs that will fail (their case's concept is not in its prompt)."""
+    from .runner import pending_images, pending_jobs
+
+    out = plan.base.out
+    unjudged = {record["key"] for record in pending_images(out, "judgements")} if out.is_dir() else set()
+    to_make = {job.key for job in pending_jobs(out, plan.jobs)}
+    return [job for job in plan.jobs
+            if job.case.case_id not in plan.failing and (job.key in to_make or job.key in unjudged)]
 
 
 def _describe_plan(plan: Plan, echo: Callable[[str], None]) -> None:
     """A dry run's list: jobs per method and scale still to generate, and an example of each."""
     from collections import Counter
 
-    from .runner import latest, read_all
+    from .runner import pending_jobs
 
-    done = {k for k, r in latest(read_all(plan.base.out, "generations")).items() if r.get("status") == "ok"} \
-        if plan.base.out.exists() else set()
-    todo = [job for job in plan.jobs if job.key not in done]
+    todo = pending_jobs(plan.base.out, plan.jobs)  # the generation pass's own rule: a success from the same case
     counts = Counter((job.method, job.scale) for job in todo)
     echo(f"dry run: {len(todo)} of {len(plan.jobs)} jobs to generate "
-         + "; ".join(f"{m} at scale {s:g}: {n}" for (m, s), n in sorted(counts.items())))
+         + ("; ".join(f"{m} at scale {s:g}: {n}" for (m, s), n in sorted(counts.items())) or "(all are done)"))
     for job in todo[:3]:
         echo(f"  e.g. {job.key}: {job.case.prompt!r} (concept {job.case.concept!r})")
     echo("dry run: nothing was generated, scored or judged")
 
 
-def _model(settings: EvaluateSettings, base: GenerateSettings) -> tuple[Any, Any]:
-    """(a pipeline if it is cheap to build now, else None; the model's ModelInfo), read without loading weights."""
-    from ..app.loading import pick_device
-    from ..app.preflight import check_adapter_source, info_from_pipeline, info_from_source
-    from .runner import BASELINES
-
-    pick_device(base.device)
-    if settings.model.startswith("tiny"):
-        from ..app.offline_demo import TINY_MODELS, tiny_pipeline
-
-        kind = settings.model.removeprefix("tiny-") if settings.model != "tiny" else "sd15"
-        if kind not in TINY_MODELS:
-            raise ConceptrolError(f"unknown tiny model {settings.model!r}; choose one of tiny, "
-                                  + ", ".join(f"tiny-{k}" for k in TINY_MODELS))
-        pipe = tiny_pipeline(kind)
-        info = info_from_pipeline(pipe)
-    else:
-        pipe, info = None, info_from_source(settings.model, need_layers=settings.concept_layer is not None)
-        check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
-    profile = info.profile(settings.adapter)
-    wrong = [m for m in settings.method if m != "conceptrol" and m != BASELINES[profile]]
-    if wrong:
-        raise ConceptrolError(f"--method {wrong[0]} does not apply to this model and adapter ({profile}); its baseline "
-                              f"is {BASELINES[profile]}")
-    return pipe, info
-
-
 def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, cases: list[Case],
-                 echo: Callable[[str], None]) -> None:
-    """Model options once; each case's concept located with the tokenizer (cases without it are counted, then fail)."""
+                 echo: Callable[[str], None]) -> frozenset[str]:
+    """Model options once; each case's concept located with the tokenizer. Returns the ids of the cases without
+    it (counted here; their jobs are recorded as failed)."""
     from ..app.preflight import check_concepts, check_model_options
 
-    check_model_options(base, info, check_adapter=not settings.model.startswith("tiny"))
+    check_model_options(base, info)
     missing = []
     for case in cases:
         try:
@@ -304,22 +306,7 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
     if missing:
         echo(f"{len(missing)} of {len(cases)} cases do not have their concept in the prompt (e.g. {missing[0].case_id}: "
              f"{missing[0].concept!r} in {missing[0].prompt!r}); they will be recorded as failed")
-
-
-def _load_metrics(settings: EvaluateSettings, device: str) -> Any:
-    """CLIP and DINO, loaded before any image is generated; one line saying what to pass when they cannot be."""
-    from ..app.loading import pick_device, resolve_repo
-    from ..app.preflight import ensure_available
-    from .metrics import MetricModels
-
-    clip, dino = settings.clip_model or CLIP_ID, settings.dino_model or DINO_ID
-    try:
-        for flag, name, repo in (("--clip-model", "CLIP", clip), ("--dino-model", "DINO", dino)):
-            ensure_available(resolve_repo(repo, flag, CLIP_ID), "config.json", flag, f"the {name} scoring model")
-        return MetricModels.load(clip, dino, str(pick_device(device)))
-    except (ConceptrolError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConceptrolError(f"{reason}; or pass --no-score to generate without scoring") from None
+    return frozenset(case.case_id for case in missing)
 
 
 def _progress(what: str, rank: int, world: int) -> Any:

@@ -95,10 +95,10 @@ class JudgeConfig:
 
     def _check_protocol(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ConceptrolError(f"--judge-protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+            raise ConceptrolError(f"the judge's protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.protocol == "dreambench-plus":
             if self.clone is None:
-                raise ConceptrolError("--judge-protocol dreambench-plus reads DreamBench++'s prompt templates from a "
+                raise ConceptrolError("--protocol dreambench-plus reads DreamBench++'s prompt templates from a "
                                       "clone of its repository: pass the clone as --benchmark")
             object.__setattr__(self, "templates", dreambench.load_templates(Path(self.clone)))
 

@@ -12,7 +12,18 @@ from pathlib import Path
 from PIL import Image
 
 from .paper import format_paper_table, paper_html, paper_notes, paper_rows, paper_title, write_paper_plot
-from .rundata import COUNTS, JUDGE, METRICS, RunData, embed_image, load_run, open_image, outputs_by_case, summarize
+from .rundata import (
+    COUNTS,
+    JUDGE,
+    METRICS,
+    RunData,
+    embed_image,
+    load_run,
+    open_image,
+    outputs_by_case,
+    seeds_made,
+    summarize,
+)
 
 
 def notes(data: RunData, rows: list[dict]) -> list[str]:
@@ -27,7 +38,8 @@ def notes(data: RunData, rows: list[dict]) -> list[str]:
     elif any(row["scored"] < row["images"] for row in rows):
         lines.append("some images are not scored yet; run the same `conceptrol evaluate` command to finish")
     if data.malformed:
-        lines.append(f"{data.malformed} record lines could not be read and were skipped")
+        lines.append(f"{data.malformed} record lines could not be read (damaged, or lacking a field) and were "
+                     "skipped")
     if data.unreadable:
         lines.append(f"{len(data.unreadable)} image files are missing or damaged and were left out of the pictures")
     if data.settings is None:
@@ -137,35 +149,50 @@ def _save_figure(plt: object, figure: object, path: Path) -> Path:
     return path
 
 
+PLOT_TEXT = {"metrics.png": "CLIP-T, CLIP-I and DINO of each method and scale",
+             "cp_pf.png": "concept preservation against prompt following of each method and scale"}
+
+
 def write_html(run: Path | RunData, rows: list[dict], plots: list[Path] = (), max_cases: int = 12,
                paper: list[dict] | None = None) -> Path:
     """report.html: settings, the table, notes, the plots, the comparison with the paper's Table 1 when the run
     has one (`paper`: paper.paper_rows, computed here when None) and a grid of reference -> outputs, all embedded."""
     data = run if isinstance(run, RunData) else load_run(run)
-    settings, by_case = outputs_by_case(data)
     names = ("method", "scale", *columns(rows))
     table = "".join("<tr>" + "".join(f"<td>{_cell(row.get(k, ''), k)}</td>" for k in names) + "</tr>" for row in rows)
-    grid = []
-    for _, cells in by_case[:max_cases]:
-        first = next(iter(cells.values()))
-        images = [embed_image(data, Path(first["reference"]))] + [
-            embed_image(data, data.out / cells[c]["image"]) if c in cells else "" for c in settings]
-        grid.append(f"<tr><td>{html.escape(first['prompt'])}<br><i>{html.escape(first['concept'])}</i></td>"
-                    + "".join(f"<td>{i}</td>" for i in images) + "</tr>")
-    head = "".join(f"<th>{html.escape(m)} {s:g}</th>" for m, s in settings)
     described = "".join(f"<li>{html.escape(line)}</li>" for line in settings_lines(data.settings) + notes(data, rows))
     page = (
         "<!doctype html><meta charset=utf-8><title>conceptrol report</title>"
         "<style>body{font-family:sans-serif}td,th{padding:4px;border:1px solid #ccc}td img{width:160px}</style>"
         f"<h1>{html.escape(data.out.name)}</h1><ul>{described}</ul><table><tr>"
         + "".join(f"<th>{n}</th>" for n in names) + f"</tr>{table}</table>"
-        + "".join(embed_image(data, plot, 900) for plot in plots if plot.name not in ("grid.png", "paper.png"))
-        + paper_html(data, paper)
-        + f"<h2>Reference &rarr; outputs</h2><table><tr><th>prompt</th><th>reference</th>{head}</tr>{''.join(grid)}</table>"
+        + "".join(embed_image(data, plot, 900, alt=PLOT_TEXT.get(plot.name, plot.name)) for plot in plots
+                  if plot.name not in ("grid.png", "paper.png"))
+        + paper_html(data, paper) + grid_html(data, max_cases)
     )
     path = data.out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def grid_html(data: RunData, max_cases: int = 12) -> str:
+    """The page's grid: one row per case, its reference then each method and scale's picture at the lowest seed."""
+    seeds = seeds_made(data)
+    settings, by_case = outputs_by_case(data)
+    rows = []
+    for _, cells in by_case[:max_cases]:
+        first = next(iter(cells.values()))
+        images = [embed_image(data, Path(first["reference"]), alt=f"reference of {first['concept']}")] + [
+            embed_image(data, data.out / cells[c]["image"], alt=f"{c[0]} {c[1]:g}, seed {first['seed']}: "
+                        f"{first['prompt']}") if c in cells else "" for c in settings]
+        rows.append(f"<tr><td>{html.escape(first['prompt'])}<br><i>{html.escape(first['concept'])}</i></td>"
+                    + "".join(f"<td>{i}</td>" for i in images) + "</tr>")
+    head = "".join(f"<th>{html.escape(m)} {s:g}</th>" for m, s in settings)
+    seed = f", seed {seeds[0]}" if seeds else ""
+    shown = (f"<p>Seed {seeds[0]} only, of the run's seeds {', '.join(map(str, seeds))}; the table counts every "
+             "seed.</p>" if len(seeds) > 1 else "")
+    return (f"<h2>Reference &rarr; outputs{seed}</h2>{shown}<table><tr><th>prompt</th><th>reference</th>{head}</tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _cell(value: object, column: str) -> str:
@@ -175,7 +202,8 @@ def _cell(value: object, column: str) -> str:
 
 
 def write_grid(run: Path | RunData, max_cases: int = 8, cell: int = 128) -> Path | None:
-    """grid.png: one row per case, the reference then the output of each method and scale (gaps where unreadable)."""
+    """grid.png: one row per case, the reference then the output of each method and scale at the lowest seed (named
+    over the reference column; gaps where unreadable)."""
     from PIL import ImageDraw
 
     data = run if isinstance(run, RunData) else load_run(run)
@@ -186,7 +214,7 @@ def write_grid(run: Path | RunData, max_cases: int = 8, cell: int = 128) -> Path
     header = 20
     grid = Image.new("RGB", (cell * (1 + len(settings)), header + cell * len(cases)), "white")
     draw = ImageDraw.Draw(grid)
-    for column, title in enumerate(["reference"] + [f"{m} {s:g}" for m, s in settings]):
+    for column, title in enumerate([f"reference, seed {seeds_made(data)[0]}"] + [f"{m} {s:g}" for m, s in settings]):
         draw.text((column * cell + 4, 4), title, fill="black")
     for row, (_, cells) in enumerate(cases):
         first = next(iter(cells.values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import statistics
 from collections import defaultdict
@@ -18,6 +19,12 @@ from .runs import read_run_file
 METRICS = ("clip_t", "clip_i", "dino")
 JUDGE = ("cp", "pf", "cp_pf")
 COUNTS = ("images", "failed", "scored")
+NUMBER = (int, float)
+# the fields the report reads from each kind of record, and their types; a record without one is malformed
+FIELDS = {"generations": {"key": str, "method": str, "scale": NUMBER, "seed": int, "status": str, "case_id": str},
+          "scores": {"key": str}, "judgements": {"key": str}}
+OK_FIELDS = {"generations": {"image": str, "reference": str, "prompt": str, "concept": str},  # status "ok" only
+             "scores": dict.fromkeys(METRICS, NUMBER), "judgements": {"cp": NUMBER, "pf": NUMBER}}
 
 
 @dataclass
@@ -29,7 +36,7 @@ class RunData:
     generations: dict[str, dict]  # key -> the job's current generation record
     scores: dict[str, dict]  # key -> a valid score of the current picture
     judgements: dict[str, dict]  # key -> a valid verdict on the current picture
-    malformed: int = 0  # record lines that could not be read
+    malformed: int = 0  # record lines that could not be read or lack a field the report reads
     unreadable: set[str] = field(default_factory=set)  # image files missing or damaged
 
 
@@ -45,9 +52,10 @@ def load_run(out: Path) -> RunData:
     for name in ("generations", "scores", "judgements"):
         records = []
         for path in sorted(out.glob(f"{name}.rank*.jsonl")):
-            good, bad = RecordStore(path).read_counting()
+            lines, bad = RecordStore(path).read_counting()
+            good = [record for record in lines if well_formed(name, record)]
             records += good
-            malformed += bad
+            malformed += bad + len(lines) - len(good)
         read[name] = latest(records)
     if not read["generations"]:
         raise ConceptrolError(f"{out} holds no generation records; run `conceptrol evaluate --out {out}` first")
@@ -59,6 +67,12 @@ def load_run(out: Path) -> RunData:
 
     return RunData(out, read_run_file(out) if (out / "run.json").exists() else None, current,
                    valid(read["scores"]), valid(read["judgements"]), malformed)
+
+
+def well_formed(name: str, record: dict) -> bool:
+    """Whether a generations/scores/judgements record has every field the report reads, each of its type."""
+    fields = FIELDS[name] | (OK_FIELDS[name] if record.get("status", "ok") == "ok" else {})
+    return all(isinstance(record.get(f), kind) and not isinstance(record.get(f), bool) for f, kind in fields.items())
 
 
 def summarize(run: Path | RunData) -> list[dict]:
@@ -83,12 +97,21 @@ def summarize(run: Path | RunData) -> list[dict]:
     return rows
 
 
-def outputs_by_case(data: RunData) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
-    """The (method, scale) settings generated, and each case's record per setting, sorted by case id."""
+def seeds_made(data: RunData) -> list[int]:
+    """The seeds of the run's generated pictures, lowest first (the report's grid shows the first)."""
+    return sorted({r["seed"] for r in data.generations.values() if r.get("status") == "ok"})
+
+
+def outputs_by_case(data: RunData, seed: int | None = None) -> tuple[list[tuple[str, float]], list[tuple[str, dict]]]:
+    """The (method, scale) settings generated, and each case's record per setting at `seed` (None: the lowest
+    seed made), sorted by case id."""
+    seeds = seeds_made(data)
+    seed = seeds[0] if seed is None and seeds else seed
     generations = [r for r in data.generations.values() if r.get("status") == "ok"]
     by_case: dict[str, dict] = defaultdict(dict)
     for record in generations:
-        by_case[record["case_id"]].setdefault((record["method"], record["scale"]), record)
+        if record["seed"] == seed:
+            by_case[record["case_id"]][(record["method"], record["scale"])] = record
     return sorted({(r["method"], r["scale"]) for r in generations}), sorted(by_case.items())
 
 
@@ -102,11 +125,13 @@ def open_image(data: RunData, path: Path) -> Image.Image | None:
         return None
 
 
-def embed_image(data: RunData, path: Path, size: int = 256) -> str:
+def embed_image(data: RunData, path: Path, size: int = 256, *, alt: str) -> str:
+    """An <img> with the picture inlined (at most `size` pixels a side) and its `alt` text, or '<i>missing</i>'."""
     image = open_image(data, path)
     if image is None:
         return "<i>missing</i>"
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    source = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img src="data:image/png;base64,{source}" alt="{html.escape(alt, quote=True)}">'

@@ -115,8 +115,7 @@ def generate_pass(pipe: Any, all_jobs: list[Job], out: Path, base: GenerateSetti
                   world_size: int = 1, progress: JobProgress | None = None) -> Iterator[dict]:
     """Generate this rank's jobs that are not done, appending one record per job as it finishes."""
     mine, _ = stores(out, "generations", rank)
-    current = latest(read_all(out, "generations"))
-    todo = [job for job in shard(all_jobs, rank, world_size) if not _done(current.get(job.key), job.case)]
+    todo = pending_jobs(out, shard(all_jobs, rank, world_size))
     progress = progress or JobProgress(f"generate (rank {rank})", interactive=False)
     progress.start(len(todo))
     for job in todo:
@@ -124,6 +123,12 @@ def generate_pass(pipe: Any, all_jobs: list[Job], out: Path, base: GenerateSetti
         mine.append(record)
         progress.update()
         yield record
+
+
+def pending_jobs(out: Path, all_jobs: list[Job]) -> list[Job]:
+    """The jobs a generation pass runs: those whose latest record is not a success made from the same case."""
+    current = latest(read_all(out, "generations")) if out.is_dir() else {}  # (read_all would create the folder)
+    return [job for job in all_jobs if not _done(current.get(job.key), job.case)]
 
 
 def _done(record: dict | None, case: Case) -> bool:
