@@ -186,8 +186,8 @@ def last_double_block(kind):
 
 def test_tiny_flux_runs_with_its_own_default_concept_block(tmp_path, capsys):
     code, out, err = evaluate(capsys, "--benchmark", str(manifest(tmp_path, ("a dog on the moon",))),
-                              "--model", "tiny-flux", *TINY[2:], "--method", "conceptrol", "--no-score",
-                              "--out", str(tmp_path / "run"))
+                              "--model", "tiny-flux", *TINY[2:], "--condition-size", "32", "--method", "conceptrol",
+                              "--no-score", "--out", str(tmp_path / "run"))
     assert code == 0 and "1 generated (0 failed)" in out, err
     stored = json.loads((tmp_path / "run" / "run.json").read_text())
     assert stored["settings"]["concept_layer"] == last_double_block("flux")
@@ -203,8 +203,8 @@ def test_a_concept_block_the_model_lacks_is_refused_by_the_dry_run(tmp_path, cap
     assert code == 2 and len(err) == 1, err
     assert "default concept block 'transformer_blocks.18' is not a block" in err[0]
     assert "--concept-layer transformer_blocks.1" in err[0]
-    code, _, err = evaluate(capsys, "--model", "tiny-flux", *common, "--concept-layer", "transformer_blocks.5")
-    assert code == 2 and len(err) == 1 and "'transformer_blocks.5' is not a block" in err[0], err
+    code, _, err = evaluate(capsys, "--model", "tiny-flux", *common, "--concept-layer", "transformer_blocks.25")
+    assert code == 2 and len(err) == 1 and "'transformer_blocks.25' is not a block" in err[0], err
 
 
 @pytest.mark.parametrize("model,adapter", [("tiny-flux-ip", "xlabs-ip"), ("tiny-flux-redux", "redux")])
