@@ -11,7 +11,7 @@ import conceptrol
 from conceptrol.apply import FAMILIES
 
 ROOT = Path(conceptrol.__file__).parent
-LIBRARY = ("core", "apply", "__init__")  # with the family folders: what `apply_conceptrol` needs
+LIBRARY = ("core", "apply", "analysis", "__init__")  # with the family folders: the library
 APPS = ("app", "cli", "__main__", "eval", "demo", "comfyui", "tiny")
 FAMILY_FOLDERS = tuple(family.package for family in FAMILIES)
 
@@ -25,7 +25,12 @@ def imported_modules(path: Path) -> set[str]:
     """Every conceptrol module `path` imports, at any depth of the file (lazy imports in functions too)."""
     package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}  # no import at run time
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]

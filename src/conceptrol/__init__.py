@@ -16,6 +16,8 @@ silence_torchvision_fallback()
 
 __all__ = [
     "CONCEPT_LAYERS",
+    "AnalysisCase",
+    "BlockAnalysis",
     "Concept",
     "ConceptMasks",
     "ConceptNotFoundError",
@@ -23,6 +25,7 @@ __all__ = [
     "ConceptrolError",
     "ConceptrolHandle",
     "ConceptrolWarning",
+    "analyze_blocks",
     "apply_conceptrol",
     "find_concept_span",
 ]
@@ -36,9 +39,13 @@ _LAZY = {  # public name -> the module that defines it
     "ConceptMasks": ".core.masks",
     "ConceptrolHandle": ".unet.handle",
     "apply_conceptrol": ".apply",
+    "analyze_blocks": ".analysis",
+    "AnalysisCase": ".analysis",
+    "BlockAnalysis": ".analysis",
 }
 
 if TYPE_CHECKING:
+    from .analysis import AnalysisCase, BlockAnalysis, analyze_blocks
     from .apply import apply_conceptrol
     from .core.concepts import Concept, find_concept_span
     from .core.config import CONCEPT_LAYERS, ConceptrolConfig

@@ -47,12 +47,14 @@ MASKING_HELP = ("global (the paper's), local (every layer its own mask), or none
                 "IP-Adapter, plain OminiControl, the stock XLabs IP-Adapter, Kontext or Redux)")
 
 
-def _generation_flags(parser: argparse.ArgumentParser) -> None:
+def _generation_flags(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
     """Flags `generate` and `evaluate` share (same names as GenerateSettings' fields)."""
     parser.add_argument("--model", default="sd15", help=MODEL_HELP)
     parser.add_argument("--adapter", help=ADAPTER_HELP)
     parser.add_argument("--adapter-repo", help=ADAPTER_REPO_HELP)
-    parser.add_argument("--concept-layer", help="layer (SD) or block (FLUX) that reads the mask (default: the preset)")
+    parser.add_argument("--concept-layer", action="append" if sweep else "store", help="layer (SD) or block (FLUX) "
+                        "that reads the mask, or auto:DIR for the best block of `conceptrol analyze --out DIR` "
+                        "(default: the preset)" + ("; repeat it for a sweep: Conceptrol runs at each layer" if sweep else ""))
     parser.add_argument("--start", type=float, help="fraction of steps before Conceptrol's adapter acts "
                                                     "(default: 0.2; FLUX 0); baselines always start at 0")
     parser.add_argument("--end", type=float, default=1.0, help="fraction of steps after which it stops (default: 1.0)")
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "repeated (default: the protocol's per-method scale, else 1.0)")
     ev.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", action="extend",
                     help="random seed(s), one image per case and seed; several values or repeated (default: 0)")
-    _generation_flags(ev)
+    _generation_flags(ev, sweep=True)
     ev.set_defaults(model="sd15")
     ev.add_argument("--limit", type=int, help="only the first N cases")
     ev.add_argument("--no-score", action="store_true", help="generation pass only")
@@ -126,8 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
                            "tiny-flux-kontext, tiny-flux-redux: FLUX.1 with XLabs' IP-Adapter, Kontext or Redux; all "
                            "tiny, random, offline (sd15, flux, ... without 'tiny-' also work) (default: tiny-sd15)")
     _ui_parser(commands)
+    _analyze_parser(commands)
     _comfyui_parser(commands)
     return parser
+
+
+def _analyze_parser(commands: argparse._SubParsersAction) -> None:
+    an = commands.add_parser("analyze", help="find a model's concept-specific block: every block's concept map scored "
+                                             "against the subject mask (ROC AUC per step; the paper's Figs. 5-6)")
+    an.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, a hub id, a local folder, or tiny-sd15 "
+                    "/ tiny-flux (the stock model: no adapter is loaded) (default: sd15)")
+    an.add_argument("--prompt", help="the prompt of the one case (or --cases)")
+    an.add_argument("--concept", help="the prompt's word or phrase for the subject (WORD@N: its N-th occurrence)")
+    an.add_argument("--mask", type=Path, help="the subject's mask, white on black (any size of the image's shape); "
+                    "without it the image is segmented from the concept word (--segmenter)")
+    an.add_argument("--seed", type=int, default=0, help="random seed of the case (default: 0)")
+    an.add_argument("--cases", type=Path, help="many cases: a JSONL file, one object per line with prompt, concept, "
+                    "and optionally mask (relative to the file) and seed")
+    an.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's own: 50 on SD, 28 on FLUX)")
+    an.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
+    an.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
+    an.add_argument("--negative-prompt", help="SD only (default: none, as the stock pipeline)")
+    an.add_argument("--steps-range", help="rank the blocks on steps a to b-1 only, written a:b (the paper's Fig. 6: 0:10;"
+                    " default: all steps)")
+    an.add_argument("--segmenter", default="owlv2-sam", choices=["owlv2-sam", "grounding-dino-sam", "clipseg"],
+                    help="segments the image from the concept word when a case has no mask: an open-vocabulary box "
+                    "detector and SAM on its box (as the paper), or the lighter CLIPSeg (default: owlv2-sam)")
+    an.add_argument("--device", default="auto", help=DEVICE_HELP)
+    an.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    an.add_argument("--out", type=Path, required=True, help="the folder for analysis.json, the images, the pictures and "
+                    "analysis.html (an earlier analysis there is never overwritten)")
 
 
 def _comfyui_parser(commands: argparse._SubParsersAction) -> None:
@@ -183,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     fields = _fields(args)
     settings = EvaluateSettings(**fields | {
         "method": tuple(args.method or ()), "scale": tuple(args.scale or ()),
-        "seeds": tuple(args.seeds or (0,))})
+        "seeds": tuple(args.seeds or (0,)), "concept_layer": tuple(args.concept_layer or ()) or None})
     from .eval.evaluate import evaluate
 
     summary = evaluate(settings, before_loading=_no_bars_in_logs)
@@ -227,6 +257,24 @@ def cmd_ui(args: argparse.Namespace) -> None:
         raise ConceptrolError(str(error)) from None
     launch_ui(UIOptions(**_fields(args) | {"model": tuple(args.model or UIOptions.model),
                                           "adapter_repo": tuple(args.adapter_repo or ())}))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from .app.analyze import AnalyzeSettings
+
+    settings = AnalyzeSettings(**_fields(args))
+    from .app.analyze import check_analysis, run_analysis, summary_lines
+    from .app.progress import JobProgress
+
+    checked = check_analysis(settings)
+    _no_bars_in_logs()
+    with JobProgress("analyze", unit="step") as progress:
+        progress.start(checked.steps * len(checked.cases))
+        analysis = run_analysis(settings, checked, lambda done, total: progress.update())
+    for path in analysis.files:
+        print(path)
+    for line in summary_lines(analysis):
+        print(line)
 
 
 def cmd_comfyui(args: argparse.Namespace) -> None:
@@ -282,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "evaluate": cmd_evaluate, "report": cmd_report,
-         "ui": cmd_ui, "comfyui": cmd_comfyui}[args.command](args)
+         "ui": cmd_ui, "comfyui": cmd_comfyui, "analyze": cmd_analyze}[args.command](args)
     except ConceptrolError as error:
         print(f"conceptrol: error: {error}", file=sys.stderr)
         return 2

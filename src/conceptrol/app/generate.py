@@ -14,16 +14,9 @@ from PIL import Image
 
 from ..core.concepts import Concept
 from ..core.config import ConceptrolConfig
+from ..core.files import free_suffix, safe_name, with_suffix, write_new_text
 from ..core.images import load_reference_image
-from .outputs import (
-    check_output_dir,
-    free_suffix,
-    make_output_dir,
-    safe_name,
-    with_suffix,
-    write_new_png,
-    write_new_text,
-)
+from .outputs import check_output_dir, make_output_dir, write_new_png
 from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource, resolved_values, tiny_profile
 
 __all__ = ["NEGATIVE_PROMPT", "PAPER_DEMO", "GenerateResult", "GenerateSettings", "ModelSource", "generate",

@@ -219,6 +219,15 @@ def load_pipeline(model: str, adapter: str | None, adapter_repo: str | None, dev
     return loaded.to(device)
 
 
+def load_base_pipeline(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model") -> Any:
+    """The stock pipeline a preset, hub id or local folder names, with no adapter loaded."""
+    from diffusers import DiffusionPipeline
+
+    source = resolve_model(model, flag)
+    pipe = _fetch("the model", source, flag, lambda: DiffusionPipeline.from_pretrained(source, **dtype_argument(dtype)))
+    return pipe.to(device)
+
+
 def _load_adapter(pipe: Any, weights: AdapterWeights, repo: str, flag: str, dtype: torch.dtype) -> Any:
     what = f"adapter {weights.weight_name or weights.kind}"
     if weights.kind == "kontext":

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..core.files import free_suffix, with_suffix, write_new_text
 from .generate import GenerateSettings, generate
 from .loading import tiny_pipeline
-from .outputs import free_suffix, prepare_output_dir, with_suffix, write_new_png, write_new_text
+from .outputs import prepare_output_dir, write_new_png
 
 DEMO_PROMPT = "a photo of a dog surfing a wave"
 NOTE = """This folder was written by `conceptrol demo{model_flag}`.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..core.errors import ConceptrolError
+from ..core.files import write_new_png as write_png
 
 
 def check_output_dir(out: Path) -> Path:
@@ -46,26 +46,6 @@ def prepare_output_dir(out: Path) -> Path:
     return make_output_dir(check_output_dir(out))
 
 
-def safe_name(text: str) -> str:
-    """A file-name fragment of letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
-
-
-def free_suffix(out: Path, names: list[str]) -> str:
-    """'' if none of `names` exists in `out`, else the first '-2', '-3', ... that makes all of them new."""
-    for number in range(1, 100_000):
-        suffix = "" if number == 1 else f"-{number}"
-        if not any((out / with_suffix(name, suffix)).exists() for name in names):
-            return suffix
-    raise ConceptrolError(f"{out} holds too many earlier results; pass another --out")
-
-
-def with_suffix(name: str, suffix: str) -> str:
-    """'global-seed0-0.png' with '-2' -> 'global-seed0-0-2.png'."""
-    stem, dot, extension = name.rpartition(".")
-    return f"{stem}{suffix}{dot}{extension}" if dot else name + suffix
-
-
 def png_info(parameters: dict[str, Any]) -> PngInfo:
     """PNG text chunks: 'parameters' (AUTOMATIC1111's format, which image tools read) and 'conceptrol' (all, JSON)."""
     info = PngInfo()
@@ -97,21 +77,7 @@ def _quoted(value: Any) -> str:
 
 def write_new_png(image: Image.Image, path: Path, parameters: dict[str, Any] | None = None) -> Path:
     """Write a PNG that must not exist yet (exclusive create), with the settings in its text chunks."""
-    try:
-        with path.open("xb") as file:
-            image.save(file, format="PNG", pnginfo=png_info(parameters) if parameters else None)
-    except FileExistsError:
-        raise ConceptrolError(f"{path} appeared while writing (another run into the same folder?); run again") from None
-    return path
-
-
-def write_new_text(text: str, path: Path) -> Path:
-    try:
-        with path.open("x", encoding="utf-8") as file:
-            file.write(text)
-    except FileExistsError:
-        raise ConceptrolError(f"{path} appeared while writing (another run into the same folder?); run again") from None
-    return path
+    return write_png(image, path, png_info(parameters) if parameters else None)
 
 
 def save_atomic(image: Image.Image, path: Path) -> None:

@@ -125,6 +125,10 @@ def check_model_options(settings: GenerateSettings, info: ModelInfo, check_adapt
     _check_options(settings, profile, info)
     check_resolved_window(settings, profile)
     check_size(settings.size, info.pixel_multiple)
+    analysed = settings.concept_layer_architecture
+    if analysed is not None and analysed != info.architecture:
+        raise ConceptrolError(f"--concept-layer auto: that analysis is of an {analysed} model, this is an "
+                              f"{info.architecture} model; analyse this model (`conceptrol analyze --model ...`)")
     if settings.concept_layer is not None and info.layers is not None:
         check_layer(settings.concept_layer, info.layers, flux)
 
@@ -188,7 +192,7 @@ def check_adapter_source(family: str, adapter: str | None, adapter_repo: str | N
                              "<--adapter-repo>/image_encoder)")
 
 
-def ensure_available(repo: str, filename: str, flag: str, what: str) -> None:
+def ensure_available(repo: str, filename: str, flag: str, what: str, hint: str | None = None) -> None:
     """`filename` is in a local folder, in the Hugging Face cache, or the hub answers for `repo` (one quick request).
 
     Without this, an unreachable hub costs about a minute of retries inside from_pretrained.
@@ -204,7 +208,7 @@ def ensure_available(repo: str, filename: str, flag: str, what: str) -> None:
 
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return
-    download = f"download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass {flag} DIR"
+    download = hint or f"download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass {flag} DIR"
     if constants.HF_HUB_OFFLINE:
         raise ConceptrolError(f"could not load {what} from {repo!r}: it is not in the local cache and HF_HUB_OFFLINE "
                               f"is set; {download}")

@@ -7,6 +7,7 @@ argument mistakes at once.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, fields
@@ -47,6 +48,26 @@ DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "metal": "
 def tiny_profile(model: str) -> str | None:
     """The profile a tiny offline model runs (sd15, flux, flux-ip, ...), or None when `model` names another model."""
     return TINY_MODELS.get(TINY_ALIASES.get(model, model))
+
+
+def resolve_concept_layer(value: str | None, flag: str = "--concept-layer") -> tuple[str | None, str | None]:
+    """(layer, architecture) of a --concept-layer value: a name as given (architecture None), or `auto:PATH`, the best
+    block of the analysis in PATH (an analysis.json, or the --out folder of `conceptrol analyze`) and its model's
+    architecture."""
+    if value is None or not value.startswith("auto:"):
+        return value, None
+    path = Path(value.removeprefix("auto:")).expanduser()
+    path = path / "analysis.json" if path.is_dir() else path
+    try:
+        analysis = json.loads(path.read_text(encoding="utf-8"))
+        best, architecture = analysis["best"], analysis["architecture"]
+    except OSError:
+        raise ConceptrolError(f"{flag} {value}: no analysis at {path}; run `conceptrol analyze ... --out DIR` and pass "
+                              "auto:DIR") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConceptrolError(f"{flag} {value}: {path} is not an analysis.json of `conceptrol analyze` (it needs "
+                              "'best' and 'architecture')") from None
+    return str(best), str(architecture)
 
 
 def parse_concept(value: object) -> object:
@@ -141,7 +162,8 @@ class GenerateSettings:
     adapter: str | None = None  # adapter variant (loading.ADAPTERS); None = plus (IP-Adapter) or subject (FLUX)
     adapter_repo: str | None = None  # hub id or local copy of h94/IP-Adapter or Yuanshi/OminiControl
     masking: str = "global"  # global, local, or none (vanilla IP-Adapter / plain OminiControl)
-    concept_layer: str | None = None  # None = the architecture's preset layer (block for FLUX)
+    concept_layer: str | None = None  # None = the architecture's preset layer (block for FLUX); auto:DIR = an analysis'
+    concept_layer_architecture: str | None = None  # set from `auto:DIR`: the architecture that analysis was made on
     scale: float | None = None
     start: float | None = None
     end: float = 1.0
@@ -166,6 +188,10 @@ class GenerateSettings:
                 "pass one --concept per --image, in the same order"
             )
         object.__setattr__(self, "concept", tuple(parse_concept(concept) for concept in self.concept))
+        if self.concept_layer is not None and self.concept_layer.startswith("auto:"):
+            layer, architecture = resolve_concept_layer(self.concept_layer)
+            object.__setattr__(self, "concept_layer", layer)
+            object.__setattr__(self, "concept_layer_architecture", architecture)
         for concept in self.concept:
             if isinstance(concept, str) and not re.search(r"\w", concept):
                 raise ConceptrolError(f"concept {concept!r} has no word in it; pass the prompt's word for the subject")

@@ -72,8 +72,9 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
 # (OminiControl's condition, Kontext's or Redux's reference tokens) to it.
 
 
-def flux_text_share(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
-    """r[n]: each latent token's attention on the concept span, as a share of its attention on the text tokens.
+def text_share(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
+    """r[n]: each image token's attention on the concept span, as a share of its attention on the text tokens (FLUX's
+    r of sections 2 and 4; with all T text keys of a U-Net layer, section 5's a[n]).
 
     Softmax over the text keys only; dividing P[h, n, t] by its sum over the T text columns (sections 2 and 4)
     cancels the joint softmax's normaliser, so only the latent-to-text logits are needed.
@@ -93,13 +94,13 @@ def flux_text_share(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> 
 
 def flux_concept_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
     """Textual concept mask Â of FLUX (sections 2 and 4 (b)): r normalised to mean 1 over the latent tokens."""
-    r = flux_text_share(latent_query, text_key, weights)
+    r = text_share(latent_query, text_key, weights)
     return r / r.mean(dim=-1, keepdim=True)
 
 
 def flux_gate_mask(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
     """The mask M that gates a branch output (section 4 (a), the U-Net convention): r / (max r + 1e-6), in [0, 1]."""
-    return normalize_mask(flux_text_share(latent_query, text_key, weights))
+    return normalize_mask(text_share(latent_query, text_key, weights))
 
 
 def reference_bias(

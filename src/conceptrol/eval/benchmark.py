@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..app.outputs import safe_name
 from ..core.errors import ConceptrolError
+from ..core.files import safe_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")  # compared in lower case: SET.JSONL is a manifest too

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..app.settings import GenerateSettings, check_number, check_seed
+from ..app.settings import GenerateSettings, check_number, check_seed, resolve_concept_layer
 from ..core.errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
 from .benchmark import Case, describe, load_benchmark
 from .models import check_scoring_models, concept_layer, load_metrics, model_for
@@ -41,7 +41,8 @@ class EvaluateSettings:
     size: tuple[int, int] | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
-    concept_layer: str | None = None
+    concept_layer: str | tuple[str, ...] | None = None  # one layer (or auto:DIR), or several: Conceptrol at each
+    concept_layer_architecture: str | None = None  # set from auto:DIR: the architecture that analysis was made on
     condition_size: int | None = None
     limit: int | None = None  # only the first N cases
     no_score: bool = False
@@ -61,6 +62,7 @@ class EvaluateSettings:
         object.__setattr__(self, "method", _unique("method", self.method))
         object.__setattr__(self, "scale", _unique("scale", tuple(float(s) for s in self.scale)))
         object.__setattr__(self, "seeds", _unique("seeds", self.seeds))
+        self._resolve_layers()
         from .runner import METHODS
 
         unknown = [m for m in self.method if m not in METHODS]
@@ -80,6 +82,22 @@ class EvaluateSettings:
         self._check_scoring()
         self.template  # noqa: B018 (builds and so checks every generation setting)
 
+    def _resolve_layers(self) -> None:
+        """--concept-layer given once is the run's layer; given several times, a sweep: Conceptrol runs at each."""
+        given = (self.concept_layer,) if isinstance(self.concept_layer, str) else tuple(self.concept_layer or ())
+        resolved = [resolve_concept_layer(layer) for layer in _unique("concept-layer", given)]
+        architectures = {architecture for _, architecture in resolved if architecture is not None}
+        if len(architectures) > 1:
+            raise ConceptrolError(f"--concept-layer auto: analyses of different models ({', '.join(sorted(architectures))})")
+        layers = tuple(layer for layer, _ in resolved)
+        object.__setattr__(self, "concept_layer", layers[0] if len(layers) == 1 else (layers or None))
+        object.__setattr__(self, "concept_layer_architecture", next(iter(architectures), None))
+
+    @property
+    def layer_sweep(self) -> tuple[str, ...]:
+        """The layers of a sweep (--concept-layer given more than once), else ()."""
+        return self.concept_layer if isinstance(self.concept_layer, tuple) else ()
+
     def _check_scoring(self) -> None:
         if self.no_score and (self.clip_model or self.dino_model):
             raise ConceptrolError("--clip-model and --dino-model choose the scoring backbones; --no-score skips "
@@ -96,7 +114,9 @@ class EvaluateSettings:
             prompt="(each case's prompt)", concept=("concept",), image=(Path("reference.png"),), model=self.model,
             adapter=self.adapter, adapter_repo=self.adapter_repo, start=self.start, end=self.end, steps=self.steps,
             size=self.size, guidance=self.guidance, negative_prompt=self.negative_prompt,
-            concept_layer=self.concept_layer, condition_size=self.condition_size, device=self.device,
+            concept_layer=None if self.layer_sweep else self.concept_layer,
+            concept_layer_architecture=self.concept_layer_architecture, condition_size=self.condition_size,
+            device=self.device,
             dtype=self.dtype, out=self.out, scale=self.scale[0] if self.scale else None)
 
     @property
@@ -233,7 +253,8 @@ def _plan(settings: EvaluateSettings, cases: list[Case], echo: Callable[[str], N
         scales, from_preset = {m: settings.scale or (SCALE,) for m in methods}, ()
     base = settings.template.replace(device=device, out=out)
     failing = _check_cases(settings, base, info, cases, echo)
-    return Plan(settings, base, info, pipe, jobs_for(cases, scales, settings.seeds), from_preset, failing)
+    jobs = jobs_for(cases, scales, settings.seeds, settings.layer_sweep)
+    return Plan(settings, base, info, pipe, jobs, from_preset, failing)
 
 
 def _check_judge(plan: Plan, echo: Callable[[str], None]) -> Any:
@@ -310,7 +331,7 @@ def _check_cases(settings: EvaluateSettings, base: GenerateSettings, info: Any, 
 
 
 def _progress(what: str, rank: int, world: int) -> Any:
-    from .progress import JobProgress
+    from ..app.progress import JobProgress
 
     label = what if world == 1 else f"{what} (rank {rank}/{world})"
     return JobProgress(label, interactive=None if rank == 0 else False)

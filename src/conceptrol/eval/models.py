@@ -42,11 +42,18 @@ def tiny_model(settings: Any) -> tuple[Any, Any]:
     return pipe, info_from_pipeline(pipe, as_real=True)
 
 
-def concept_layer(settings: Any, info: Any) -> str | None:
-    """The concept layer to pass: the flag's; else None (the preset) where the model has the preset's block; a FLUX
-    model without it is refused, naming its last double block."""
+def concept_layer(settings: Any, info: Any) -> str | tuple[str, ...] | None:
+    """The concept layer to pass: the flag's (every layer of a sweep checked against the model); else None (the preset)
+    where the model has the preset's block; a FLUX model without it is refused, naming its last double block."""
+    from ..app.preflight import check_layer
     from ..core.config import CONCEPT_LAYERS
 
+    analysed = settings.concept_layer_architecture
+    if analysed is not None and analysed != info.architecture:
+        raise ConceptrolError(f"--concept-layer auto: that analysis is of an {analysed} model, this is an "
+                              f"{info.architecture} model; analyse this model (`conceptrol analyze --model ...`)")
+    for layer in settings.layer_sweep if info.layers is not None else ():
+        check_layer(layer, info.layers, info.architecture == "flux")
     default = CONCEPT_LAYERS[info.architecture]
     if settings.concept_layer is not None or info.layers is None or default in info.layers:
         return settings.concept_layer

@@ -93,11 +93,12 @@ def columns(rows: list[dict]) -> tuple[str, ...]:
 
 def format_table(rows: list[dict]) -> str:
     names = columns(rows)
-    header = f"{'method':<14} {'scale':>6} " + " ".join(f"{m:>7}" for m in names)
+    width = max([14, *(len(row["method"]) for row in rows)])  # a layer sweep's methods name their layer
+    header = f"{'method':<{width}} {'scale':>6} " + " ".join(f"{m:>7}" for m in names)
     lines = [header, "-" * len(header)]
     for row in rows:
         values = " ".join(_text(row.get(m), m) for m in names)
-        lines.append(f"{row['method']:<14} {row['scale']:>6g} {values}")
+        lines.append(f"{row['method']:<{width}} {row['scale']:>6g} {values}")
     return "\n".join(lines)
 
 

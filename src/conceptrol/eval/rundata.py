@@ -57,6 +57,9 @@ def load_run(out: Path) -> RunData:
             records += good
             malformed += bad + len(lines) - len(good)
         read[name] = latest(records)
+    for record in read["generations"].values():  # a layer sweep's rows: one per layer, named conceptrol@LAYER
+        if isinstance(record.get("concept_layer"), str):
+            record["method"] = f"{record['method']}@{record['concept_layer']}"
     if not read["generations"]:
         raise ConceptrolError(f"{out} holds no generation records; run `conceptrol evaluate --out {out}` first")
     current = read["generations"]

@@ -13,18 +13,19 @@ import hashlib
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
-from ..app.outputs import safe_name, save_atomic
+from ..app.outputs import save_atomic
+from ..app.progress import JobProgress
 from ..app.settings import GenerateSettings
 from ..core.errors import ConceptrolError
+from ..core.files import safe_name
 from ..core.images import load_reference_image
 from .benchmark import Case
-from .progress import JobProgress
 from .records import RecordStore, shard
 
 # method -> masking: each adapter as is (the baselines), and Conceptrol on whichever adapter the model carries
@@ -40,15 +41,19 @@ class Job:
     method: str
     scale: float
     seed: int
+    layer: str | None = None  # a layer sweep's concept layer (None: the run's one layer)
 
     @property
     def key(self) -> str:
-        return f"{self.method}/{self.scale:g}/{self.seed}/{self.case.case_id}"
+        layer = "" if self.layer is None else f"{self.layer}/"
+        return f"{self.method}/{self.scale:g}/{self.seed}/{layer}{self.case.case_id}"
 
     def image_path(self, out: Path) -> Path:
         """Under out/images only, from safe characters; the id's digest keeps ids that fold alike ('A', 'a') apart."""
         digest = hashlib.sha1(self.case.case_id.encode("utf-8")).hexdigest()[:8]
         folder = out / "images" / safe_name(self.method) / safe_name(f"scale{self.scale:g}") / f"seed{self.seed}"
+        if self.layer is not None:
+            folder = folder / f"{safe_name(self.layer)}-{hashlib.sha1(self.layer.encode()).hexdigest()[:6]}"
         return folder / f"{safe_name(self.case.case_id)}-{digest}.png"
 
 
@@ -61,9 +66,13 @@ def jobs(cases: list[Case], methods: Iterable[str], scales: Iterable[float], see
     return [Job(c, m, float(s), seed) for m in methods for s in scales for seed in seeds for c in cases]
 
 
-def jobs_for(cases: list[Case], scales: dict[str, Iterable[float]], seeds: Iterable[int]) -> list[Job]:
-    """`jobs` with each method at its own scales (a protocol's per-method presets)."""
-    return [job for method, method_scales in scales.items() for job in jobs(cases, [method], method_scales, seeds)]
+def jobs_for(cases: list[Case], scales: dict[str, Iterable[float]], seeds: Iterable[int],
+             layers: tuple[str, ...] = ()) -> list[Job]:
+    """`jobs` with each method at its own scales (a protocol's per-method presets); with a layer sweep, Conceptrol's
+    jobs once per layer (the baselines use no concept layer, so they run once)."""
+    found = [job for method, method_scales in scales.items() for job in jobs(cases, [method], method_scales, seeds)]
+    swept = [replace(job, layer=layer) for job in found if job.method == "conceptrol" for layer in layers]
+    return [job for job in found if not (layers and job.method == "conceptrol")] + swept
 
 
 def job_settings(base: GenerateSettings, job: Job) -> GenerateSettings:
@@ -71,7 +80,7 @@ def job_settings(base: GenerateSettings, job: Job) -> GenerateSettings:
     masking = METHODS[job.method]
     return base.replace(prompt=job.case.prompt, concept=(job.case.concept,), image=(job.case.image,), masking=masking,
                         scale=job.scale, start=0.0 if masking == "none" else base.start, seed=job.seed, num_images=1,
-                        save_masks=False)
+                        save_masks=False, concept_layer=job.layer if job.layer is not None else base.concept_layer)
 
 
 def process_rank() -> tuple[int, int]:
@@ -141,6 +150,7 @@ def _generate_one(pipe: Any, job: Job, out: Path, base: GenerateSettings, rank: 
     settings = job_settings(base, job)
     record = {"key": job.key, "case_id": job.case.case_id, "fingerprint": job.case.fingerprint, "method": job.method,
               "scale": job.scale, "seed": job.seed, "start": settings.start, "prompt": job.case.prompt,
+              **({"concept_layer": job.layer} if job.layer is not None else {}),
               "concept": job.case.concept, "reference": str(Path(job.case.image).resolve()),
               "category": job.case.category, "generation_id": uuid.uuid4().hex, "rank": rank}
     try:

@@ -18,13 +18,15 @@ JUDGE_FILE = "judge.json"
 FORMAT = 1
 
 
+PER_JOB = "per job (a layer sweep)"  # run.json's concept layer when --concept-layer was given several times
 RECORDED_LATER = ("protocol", "from_preset", "cases")  # fields an older run.json may lack: recorded on resume
 
 
 def run_identity(settings: Any, base: Any, info: Any) -> dict[str, Any]:
     """Every setting that changes the pictures, with the architecture's defaults filled in.
 
-    Methods, scales and seeds are not here: they are part of each job's key, so a resume may add more.
+    Methods, scales and seeds are not here: they are part of each job's key, so a resume may add more; nor are the
+    layers of a layer sweep (the concept layer is then "per job").
     Where the weights come from (--adapter-repo) and the device are not either: they do not change them.
     """
     from ..app.loading import PROFILE_ADAPTERS, dtype_name, pick_device, pick_dtype, resolve_model
@@ -42,7 +44,8 @@ def run_identity(settings: Any, base: Any, info: Any) -> dict[str, Any]:
         "steps": values["steps"], "size": "x".join(map(str, base.size)) if base.size else "model default",
         "start": values["start"], "end": base.end, "guidance": values["guidance"],
         "negative_prompt": values["negative_prompt"], "condition_size": values["condition_size"],
-        "concept_layer": base.concept_layer or CONCEPT_LAYERS[info.architecture],
+        "concept_layer": PER_JOB if getattr(settings, "layer_sweep", ()) else
+        base.concept_layer or CONCEPT_LAYERS[info.architecture],
         "dtype": dtype_name(dtype),
     }
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..core.callbacks import chain_step_callback
 from ..core.concepts import ResolvedConcepts, as_span, resolve_concepts
@@ -23,7 +22,7 @@ from ..core.errors import ConceptrolError
 from ..core.masks import ConceptMasks
 from .block_processor import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode, check_bias_backend
 from .blocks import mask_blocks
-from .sequence import SequenceLayout
+from .sequence import SequenceLayout, latent_grid
 
 PROCESSOR_SUFFIX = ".attn.processor"
 MAX_T5_TOKENS = 512
@@ -151,7 +150,7 @@ class FluxAdapterHandle:
         call.passes += 1
         call.negative = call.passes > 1
         if call.grid is None and kwargs.get("img_ids") is not None:
-            call.grid = _latent_grid(kwargs["img_ids"])
+            call.grid = latent_grid(kwargs["img_ids"])
         call.layout = self._layout(kwargs)
         steps = getattr(self.pipe, "_num_timesteps", None)
         if isinstance(steps, int) and steps > 0:
@@ -173,14 +172,6 @@ def _check_sizes(pipe: Any, kwargs: dict) -> None:
         value = kwargs.get(name)
         if value is not None and (value < multiple or value % multiple):
             raise ConceptrolError(f"{name} must be a positive multiple of {multiple} pixels for this model, got {value}")
-
-
-def _latent_grid(img_ids: Tensor) -> tuple[int, int]:
-    """(rows, cols) of the latent tokens, from their position ids (0, row, col); one device sync per call."""
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # [N (+ reference), 3]
-    latent = ids[:, 1:].masked_fill(ids[:, :1] != 0, -1)  # a reference's ids (Kontext) have first coordinate 1
-    rows, cols = latent.amax(dim=0).tolist()
-    return int(rows) + 1, int(cols) + 1
 
 
 def _joint_sizes(kwargs: dict) -> tuple[int, int]:

@@ -252,15 +252,10 @@ class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
     def _outputs(self, attn: Any, joint: _Attention, encoder_hidden_states: Tensor | None,
                  ip_hidden_states: list[Tensor] | None, mask: Tensor | None, call: AdapterCall) -> Any:
         """As diffusers' processors return them: the image part (and the text part, and the IP-Adapter's output)."""
-        hidden = joint.output
-        if encoder_hidden_states is None:
-            return hidden
-        text, image = hidden.split_with_sizes([encoder_hidden_states.shape[1], hidden.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        text = attn.to_add_out(text.contiguous())
-        if not self.gates:
-            return image, text
-        return image, text, self._ip_branch(attn, joint.image_query, ip_hidden_states, mask, call)
+        outputs = block_outputs(attn, joint, encoder_hidden_states)
+        if not self.gates or encoder_hidden_states is None:
+            return outputs
+        return (*outputs, self._ip_branch(attn, joint.image_query, ip_hidden_states, mask, call))
 
     def _ip_branch(self, attn: Any, image_query: Tensor, ip_hidden_states: list[Tensor] | None, mask: Tensor | None,
                    call: AdapterCall) -> Tensor:
@@ -283,6 +278,17 @@ class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
                 branch = branch * mask[:, index, :, None].to(branch.dtype)
             output = output + weight * branch
         return output
+
+
+def block_outputs(attn: Any, joint: _Attention, encoder_hidden_states: Tensor | None) -> Any:
+    """diffusers' FluxAttnProcessor after the attention: the single block's output, or a double block's image and text
+    parts through their output projections."""
+    hidden = joint.output
+    if encoder_hidden_states is None:
+        return hidden
+    text, image = hidden.split_with_sizes([encoder_hidden_states.shape[1], hidden.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+    image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+    return image, attn.to_add_out(text.contiguous())
 
 
 def attention_backend(processor: Any) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from ..core.config import adapter_active
 
 OUTSIDE_WINDOW_SCALE = 0.5  # the reference's condition scale outside the [start, end] window
@@ -56,3 +58,9 @@ class JointLayout(SequenceLayout):
         return self.reference.stop - self.reference.start
 
 
+def latent_grid(img_ids: Tensor) -> tuple[int, int]:
+    """(rows, cols) of the latent tokens, from their position ids (0, row, col); one device sync per call."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # [N (+ reference), 3]
+    latent = ids[:, 1:].masked_fill(ids[:, :1] != 0, -1)  # a reference's ids (Kontext) have first coordinate 1
+    rows, cols = latent.amax(dim=0).tolist()
+    return int(rows) + 1, int(cols) + 1

@@ -15,8 +15,9 @@ SECONDS = 60.0  # and at least one a minute
 class JobProgress:
     """Jobs done of `total`, with elapsed time and an estimate of the time left."""
 
-    def __init__(self, what: str, stream: TextIO | None = None, interactive: bool | None = None) -> None:
-        self.what, self.total, self.done = what, 0, 0
+    def __init__(self, what: str, stream: TextIO | None = None, interactive: bool | None = None,
+                 unit: str = "job") -> None:
+        self.what, self.total, self.done, self.unit = what, 0, 0, unit
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.bar: tqdm | None = None
@@ -28,9 +29,9 @@ class JobProgress:
         self.total, self.done, self.every = total, 0, max(1, total // LINES)
         self.began = self.last_line = time.monotonic()
         if self.interactive:
-            self.bar = tqdm(total=total, desc=self.what, unit="job", file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=self.what, unit=self.unit, file=self.stream, dynamic_ncols=True)
         elif total:
-            print(f"conceptrol: {self.what}: {total} jobs to do", file=self.stream, flush=True)
+            print(f"conceptrol: {self.what}: {total} {self.unit}s to do", file=self.stream, flush=True)
 
     def update(self, count: int = 1) -> None:
         self.done += count
@@ -48,7 +49,7 @@ class JobProgress:
         left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
         eta = tqdm.format_interval(left) if self.done else "?"
         percent = 100 * self.done / self.total if self.total else 100
-        return (f"conceptrol: {self.what} {self.done}/{self.total} jobs ({percent:.0f}%), "
+        return (f"conceptrol: {self.what} {self.done}/{self.total} {self.unit}s ({percent:.0f}%), "
                 f"{tqdm.format_interval(elapsed)} elapsed, about {eta} left")
 
     def close(self) -> None:
