@@ -7,9 +7,11 @@ import re
 import textwrap
 import warnings
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .errors import ConceptNotFoundError, ConceptrolError, ConceptrolWarning
+
+GLOBAL_LABEL = "(global)"  # the label of a reference without a concept
 
 # A word: letters/digits with inner apostrophes and dashes ("teddy-bear"); the same rule as demo/concept_words.py.
 WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")
@@ -59,6 +61,77 @@ def find_concept_span(
             "shorten the prompt or move the concept nearer its start"
         )
     return span
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    """A concept's token positions in a text tokenized as a whole, and that text's tokens."""
+
+    span: slice
+    ids: tuple[int, ...]
+    label: str  # the concept as the user wrote it
+
+
+def find_concept_in_text(tokenizer: Any, text: str, prompt: str, concept: str | Concept) -> TextSpan:
+    """The concept's tokens in `text` (a chat template holding the user's `prompt`): the concept is found in the prompt
+    as find_concept_span finds it (whole words, case-insensitive, the chosen occurrence), and its characters are mapped
+    to every token whose character range overlaps them, with the fast tokenizer's offset mapping (section 6).
+
+    The prompt is looked up as the last occurrence of its text in `text` (the user's message follows the system's);
+    `text` is tokenized without added special tokens (`place_span` aligns it with what the model sees).
+    """
+    concept = Concept(concept) if isinstance(concept, str) else concept
+    phrase = _words(concept.text)
+    if not phrase:
+        raise ConceptrolError(f"concept {concept.text!r} has no word in it; pass the prompt's word or phrase for the subject")
+    where = text.rfind(prompt)
+    if where < 0:
+        raise ConceptrolError("the prompt is not in the templated text the model reads; this pipeline rewrites "
+                              "prompts, which Conceptrol cannot follow")
+    matches = _phrase_matches(prompt, phrase)
+    if len(matches) <= concept.occurrence:
+        raise ConceptNotFoundError(_not_found_message(tokenizer, prompt, concept, len(matches)))
+    start, end = (where + position for position in matches[concept.occurrence])
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+    inside = [i for i, (first, last) in enumerate(encoding["offset_mapping"]) if first < end and last > start
+              and last > first]
+    return TextSpan(slice(inside[0], inside[-1] + 1), tuple(encoding["input_ids"]), concept.text)
+
+
+def place_span(found: TextSpan, seen: list[int], valid: slice, *, anchor: str = "start", drop: int = 0,
+               prompt: str = "") -> slice:
+    """`found` in the text keys the transformer sees: `seen` are the token ids the pipeline gave its text encoder for
+    this prompt (padding included), `valid` the part its attention mask keeps, `drop` the template tokens the pipeline
+    removes from the front of the encoder's output.
+
+    The templated text is aligned with `seen` at the start of `valid` (after any special tokens the tokenizer adds, a
+    few at most) or, with anchor="end", at its end (for a text whose earlier part the processor expands, e.g. image
+    placeholders); a concept the pipeline truncates away, or that falls in the dropped template, is refused.
+    """
+    ids, span = list(found.ids), found.span
+    if anchor == "end":
+        offset = valid.stop - len(ids)
+        aligned = offset + span.start >= valid.start and seen[offset + span.start:valid.stop] == ids[span.start:]
+    else:
+        offset, aligned = valid.start, False
+        for offset in range(valid.start, min(valid.start + 4, valid.stop)):  # special tokens in front (BOS and such)
+            kept = min(len(ids), valid.stop - offset)
+            if kept > 0 and seen[offset:offset + kept] == ids[:kept]:
+                aligned = True
+                break
+    if not aligned:
+        raise ConceptrolError("the pipeline's tokens of the prompt differ from the templated text Conceptrol reads, so "
+                              "the concept cannot be placed; report this with the model and the prompt")
+    start, stop = offset + span.start, offset + span.stop
+    if stop > valid.stop:
+        raise ConceptNotFoundError(
+            f"concept {found.label!r} sits at tokens {span.start}..{span.stop - 1} of the templated prompt "
+            f"{shorten_middle(prompt)!r}, past the text encoder's limit of {valid.stop - valid.start} tokens, so the "
+            "model never sees it; shorten the prompt, move the concept nearer its start or raise max_sequence_length")
+    if start < drop:
+        raise ConceptrolError(f"concept {found.label!r} falls in the template part of the text the pipeline drops; "
+                              "pass a word of your own prompt")
+    return slice(start - drop, stop - drop)
 
 
 def truncated_text(tokenizer: Any, prompt: str, max_length: int | None = None) -> str:
@@ -199,7 +272,7 @@ def closest_phrase(wanted: list[str], words: list[str]) -> str | None:
 class ResolvedConcepts:
     """Token spans and display labels per sample (prompt × images per prompt) and concept."""
 
-    spans: list[list[slice]]
+    spans: list[list[slice | None]]  # None: a reference without a concept (it stays global)
     labels: list[list[str]]
 
 
@@ -209,11 +282,15 @@ def resolve_concepts(
     concepts: list,
     num_samples: int,
     max_length: int | None = None,
+    locate: Callable[[str, Concept], slice] | None = None,
+    optional: bool = False,
 ) -> ResolvedConcepts:
     """Spans of every sample: `concepts` is one list for all prompts, or one list per prompt.
 
     `prompts` is None when the caller passes embeddings; then every concept must be an explicit span.
     Samples are ordered as diffusers orders them: each prompt's images next to each other.
+    `locate(prompt, concept)` finds a word's span where the prompt is wrapped in a chat template (then the truncation
+    check is its own); with `optional`, None stands for a reference without a concept (its span is None).
     """
     if not isinstance(concepts, (list, tuple)) or len(concepts) == 0:
         raise ConceptrolError("concepts must be a non-empty list, one concept per reference image")
@@ -233,12 +310,13 @@ def resolve_concepts(
     spans, labels = [], []
     for index, concept_list in enumerate(lists):
         prompt = prompts[index] if prompts is not None else None
-        resolved = [_resolve_one(tokenizer, prompt, c, max_length) for c in concept_list]
+        resolved = [(None, GLOBAL_LABEL) if c is None and optional else _resolve_one(tokenizer, prompt, c, max_length, locate)
+                    for c in concept_list]
         _warn_if_shared(resolved, prompt)
         repeats = num_samples // num_prompts
         spans += [[span for span, _ in resolved]] * repeats
         labels += [[label for _, label in resolved]] * repeats
-    for prompt in dict.fromkeys(prompts or []):
+    for prompt in dict.fromkeys((prompts or []) if locate is None else []):
         _warn_if_truncated(tokenizer, prompt, max_length)
     return ResolvedConcepts(spans=spans, labels=labels)
 
@@ -260,6 +338,8 @@ def _warn_if_shared(resolved: list[tuple[slice, str]], prompt: str | None) -> No
     """One ConceptrolWarning when two references are confined to the same words of a prompt (a repeated word)."""
     seen: dict[tuple[int, int], int] = {}
     for index, (span, label) in enumerate(resolved):
+        if span is None:
+            continue
         first = seen.setdefault((span.start, span.stop), index)
         if first != index:
             where = f" of prompt {shorten_middle(prompt)!r}" if prompt else ""
@@ -274,7 +354,8 @@ def _is_pair(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
-def _resolve_one(tokenizer: Any, prompt: str | None, concept: Any, max_length: int | None) -> tuple[slice, str]:
+def _resolve_one(tokenizer: Any, prompt: str | None, concept: Any, max_length: int | None,
+                 locate: Callable[[str, Concept], slice] | None = None) -> tuple[slice, str]:
     if isinstance(concept, slice) or _is_pair(concept):
         span = as_span(concept)
         if prompt is not None:
@@ -292,4 +373,6 @@ def _resolve_one(tokenizer: Any, prompt: str | None, concept: Any, max_length: i
             "without a text prompt (prompt_embeds given), concepts must be explicit (start, end) token spans"
         )
     text = concept if isinstance(concept, str) else concept.text
+    if locate is not None:
+        return locate(prompt, Concept(concept) if isinstance(concept, str) else concept), re.sub(r"^[\W_]+|[\W_]+$", "", text)
     return find_concept_span(tokenizer, prompt, concept, max_length), re.sub(r"^[\W_]+|[\W_]+$", "", text)

@@ -15,7 +15,12 @@ CONCEPT_LAYERS: dict[str, str] = {
     "sd15": "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
     "sdxl": "up_blocks.0.attentions.1.transformer_blocks.3.attn2",
     "flux": "transformer_blocks.18",  # the last double-stream block of FLUX (section 2)
+    # Provisional (ALGORITHM.md section 6): no published analysis exists for these; `conceptrol analyze` on real
+    # weights decides (README, "Find the concept block of another model").
+    "flux2": "transformer_blocks.7",  # FLUX.2's last double-stream block, as block 18 is on FLUX.1
+    "qwenimage": "transformer_blocks.19",  # FLUX.1's relative depth: 19 of 57 blocks
 }
+PROVISIONAL_LAYERS = frozenset({"flux2", "qwenimage"})
 
 
 @dataclass(frozen=True)

@@ -72,21 +72,24 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
 # (OminiControl's condition, Kontext's or Redux's reference tokens) to it.
 
 
-def text_share(latent_query: Tensor, text_key: Tensor, weights: Tensor) -> Tensor:
+def text_share(latent_query: Tensor, text_key: Tensor, weights: Tensor, text_keep: Tensor | None = None) -> Tensor:
     """r[n]: each image token's attention on the concept span, as a share of its attention on the text tokens (FLUX's
-    r of sections 2 and 4; with all T text keys of a U-Net layer, section 5's a[n]).
+    r of sections 2, 4 and 6; with all T text keys of a U-Net layer, section 5's a[n]).
 
-    Softmax over the text keys only; dividing P[h, n, t] by its sum over the T text columns (sections 2 and 4)
-    cancels the joint softmax's normaliser, so only the latent-to-text logits are needed.
+    Softmax over the text keys only (those `text_keep` [B, T] keeps, when given: a model's own text mask); dividing
+    P[h, n, t] by its sum over the text columns cancels the joint softmax's normaliser, so only the latent-to-text
+    logits are needed.
     """
     # latent_query [B, H, N, d], text_key [B, H, T, d] (after the q/k norms and RoPE),
     # weights [B, T] -> r [B, N], or weights [B, J, T] (J concepts) -> r [B, J, N]
     heads = latent_query.shape[1]
     per_concept = weights if weights.ndim == 3 else weights[:, None]
+    hidden = None if text_keep is None else torch.zeros(text_keep.shape, device=text_key.device).masked_fill(
+        ~text_keep.to(text_key.device), -math.inf)[:, None, None]  # [B, 1, 1, T]
     r = latent_query.new_zeros(latent_query.shape[0], per_concept.shape[1], latent_query.shape[2], dtype=torch.float32)
     for first in range(0, heads, HEADS_PER_CHUNK):  # a few heads at a time: no [B, H, N, T] tensor at once
         chunk = slice(first, first + HEADS_PER_CHUNK)
-        text_probs = text_attention_probs(latent_query[:, chunk], text_key[:, chunk])  # rows sum to 1 over text
+        text_probs = text_attention_probs(latent_query[:, chunk], text_key[:, chunk], hidden)  # rows sum to 1 over text
         r += torch.einsum("bhnt,bjt->bjn", text_probs, per_concept.float())
     r = r / heads
     return r if weights.ndim == 3 else r[:, 0]
@@ -152,3 +155,41 @@ def flux_condition_bias(
     latent_end = num_text + num_latent
     return reference_bias(latent_end + num_condition, slice(0, num_text), slice(num_text, latent_end),
                           slice(latent_end, latent_end + num_condition), spans, condition_scale, concept_mask, device)
+
+
+# Section 6: several references in one joint sequence, each confined to its own concept.
+
+
+def references_bias(length: int, text: slice, latent: slice, references: list[slice],
+                    spans: list[list[slice | None]] | None, scale: float, masks: Tensor | None = None,
+                    text_keep: Tensor | None = None, device: torch.device | None = None) -> Tensor:
+    """Additive attention bias [B, 1, L, L] of section 6's table, every reference its own concept and mask.
+
+    `spans` [sample][reference] are positions inside `text`; None for a reference leaves its rows and columns as the
+    stock model has them. Conceptrol: latent -> ref_i log c + log Â_i[row], ref_i -> latent log c, concept-i text ->
+    ref_i log c, other text -> ref_i blocked. Plain (spans None): log c on text-or-latent -> every reference and back.
+    `text_keep` [B, T]: the model's own text mask; hidden text keys are blocked for every row, as the stock model does.
+    """
+    log_c = math.log(scale) if scale > 0 else -math.inf
+    batch = max(1 if spans is None else len(spans), 1 if text_keep is None else text_keep.shape[0])
+    bias = torch.zeros(batch, 1, length, length, device=device)
+    for i, reference in enumerate(references):
+        if spans is None:
+            for rows in (text, latent):
+                bias[:, :, rows, reference] = log_c
+                bias[:, :, reference, rows] = log_c
+            continue
+        for b, sample in enumerate(spans):
+            span = sample[i]
+            if span is None:
+                continue
+            bias[b, :, latent, reference] = log_c
+            bias[b, :, reference, latent] = log_c
+            bias[b, :, text, reference] = -math.inf
+            bias[b, :, text.start + span.start : text.start + span.stop, reference] = log_c
+            if masks is not None:  # [B, R, N]: log Â_i of each latent row on reference i's columns
+                bias[b, 0, latent, reference] += masks[b, i].log().to(bias.device)[:, None]
+    if text_keep is not None:
+        hidden = ~text_keep.to(bias.device, torch.bool)  # [B, T]
+        bias[:, 0, :, text] = bias[:, 0, :, text].masked_fill(hidden[:, None, :], -math.inf)
+    return bias

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from ..core.backends import check_bias_backend
 from ..core.callbacks import chain_step_callback
 from ..core.concepts import ResolvedConcepts, as_span, resolve_concepts
 from ..core.config import ConceptrolConfig
 from ..core.errors import ConceptrolError
 from ..core.masks import ConceptMasks
-from .block_processor import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode, check_bias_backend
+from .block_processor import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode
 from .blocks import mask_blocks
 from .sequence import SequenceLayout, latent_grid
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor
 
 from ..core.config import ConceptrolConfig, StepWindow
-from ..core.errors import ConceptrolError
 from ..core.masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
 from ..core.wrapping import DelegatesBackend, DelegatesScale
 from .sequence import OUTSIDE_WINDOW_SCALE, SequenceLayout
@@ -40,11 +39,6 @@ except ImportError:  # pragma: no cover - older diffusers
 
 Mode = Literal["gate", "bias"]
 
-# diffusers' attention backends (models/attention_dispatch.py) that apply a dense additive float mask [B, 1, L, L] as
-# given. The others cannot take Conceptrol's bias: flash*, sage*, aiter_fa2_hub, _native_flash and _native_xla raise
-# on any mask, the *varlen* ones accept only a boolean key-padding mask, and _native_npu turns a float mask into a
-# boolean one (every nonzero entry masked out).
-ADDITIVE_MASK_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers")
 
 
 @dataclass
@@ -289,25 +283,6 @@ def block_outputs(attn: Any, joint: _Attention, encoder_hidden_states: Tensor | 
     text, image = hidden.split_with_sizes([encoder_hidden_states.shape[1], hidden.shape[1] - encoder_hidden_states.shape[1]], dim=1)
     image = attn.to_out[1](attn.to_out[0](image.contiguous()))
     return image, attn.to_add_out(text.contiguous())
-
-
-def attention_backend(processor: Any) -> str:
-    """The diffusers attention backend a processor's attention runs on: its own, else the active one."""
-    backend = getattr(processor, "_attention_backend", None)
-    if backend is None:  # diffusers' default: DIFFUSERS_ATTN_BACKEND, `attention_backend(...)` or `set_attention_backend`
-        backend = _AttentionBackendRegistry.get_active_backend()[0]
-    return backend.value if isinstance(backend, AttentionBackendName) else str(backend)
-
-
-def check_bias_backend(processors: list[Any], adapter: str) -> None:
-    """Raise before generating when an attention that gets Conceptrol's additive bias runs on a backend without masks."""
-    unable = sorted({b for b in map(attention_backend, processors) if b not in ADDITIVE_MASK_BACKENDS})
-    if unable:
-        raise ConceptrolError(
-            f"attention backend {unable[0]!r} cannot take the additive bias Conceptrol adds for {adapter}; use one of "
-            f"{list(ADDITIVE_MASK_BACKENDS)} (e.g. pipe.transformer.set_attention_backend('native')), or "
-            "masking='none' with scale 1 and the full window, which adds no bias"
-        )
 
 
 def _latent_and_text(joint: _Attention, layout: SequenceLayout) -> tuple[Tensor, Tensor]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
 
+from ..core.blocks import check_block, dual_stream_block_names
 from ..core.config import CONCEPT_LAYERS
-from ..core.errors import ConceptrolError
 
 REREAD_BLOCKS = ("single_transformer_blocks.18", "single_transformer_blocks.37")  # the reference re-reads here
 
@@ -20,16 +19,12 @@ def is_flux_pipeline(pipe: Any) -> bool:
 
 def block_names(transformer: nn.Module) -> list[str]:
     """The names of a FLUX transformer's blocks in running order (double-stream, then single-stream)."""
-    return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
-        f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
+    return dual_stream_block_names(transformer)
 
 
 def mask_blocks(transformer: nn.Module, concept_block: str) -> tuple[str, ...]:
     """The blocks that read Â: the concept block, then the reference's re-reads when it is the preset block 18."""
     blocks = block_names(transformer)
-    if concept_block not in blocks:
-        close = difflib.get_close_matches(concept_block, blocks, n=3)
-        raise ConceptrolError(f"concept block {concept_block!r} is not a block of this transformer"
-                              + (f"; did you mean one of {close}?" if close else f"; it has {len(blocks)} blocks"))
+    check_block(concept_block, blocks)
     rereads = [b for b in REREAD_BLOCKS if b in blocks] if concept_block == CONCEPT_LAYERS["flux"] else []
     return (concept_block, *rereads)

@@ -79,3 +79,22 @@ def t5_tokenizer(max_length: int = 512):
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
                                    model_max_length=max_length)
+
+
+CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|vision_start|>",
+                       "<|vision_end|>", "<|image_pad|>"]
+
+
+def chat_tokenizer(chat_template: str, max_length: int = 1024):
+    """A byte-level tokenizer (every byte a token, as GPT-2's alphabet spells it) with Qwen's special tokens and the
+    given chat template: a fast tokenizer, so it has offset mappings, as the real Qwen and Mistral ones do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = byte_level_alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=chat_template, model_max_length=max_length)

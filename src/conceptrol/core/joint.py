@@ -1,0 +1,158 @@
+"""Several references in one joint attention sequence, each confined to its own concept (ALGORITHM.md section 6).
+
+Shared by the families whose references enter the sequence as extra tokens (FLUX.2, Qwen-Image-Edit): where the
+text, latent and reference tokens sit, what one pipeline call holds (spans per sample and reference, the masks read
+at the concept block, the window), and the additive bias each block's attention gets. A family's processors compute
+the attention; this module decides what they add to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import ConceptrolConfig, StepWindow
+from .masking import references_bias, span_weights, text_share
+
+OUTSIDE_WINDOW_SCALE = 0.5  # c outside the [start, end] window, as section 2's reference does
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceLayout:
+    """[text | latent | ref_1 | ... | ref_R] of one denoiser call (any order along the sequence)."""
+
+    length: int
+    text: slice  # the text keys the model sees (after any template prefix the pipeline drops)
+    latent: slice  # the image being generated
+    references: tuple[slice, ...]  # each reference's tokens, in the order of the pipeline's `image=[...]`
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """A hashable identity (slices are not hashable before Python 3.12)."""
+        parts = (self.text, self.latent, *self.references)
+        return (self.length, *(end for part in parts for end in (part.start, part.stop)))
+
+
+@dataclass(kw_only=True)
+class ReferenceCall(StepWindow):
+    """One pipeline call: spans per sample and reference (None: that reference stays global), the latest masks.
+
+    The handle updates it between denoiser calls; processors read `active`, `negative`, whether masks exist, and
+    tensors, never the step (a compiled denoiser would be specialised on it).
+    """
+
+    spans: list[list[slice | None]] | None  # [sample][reference]; None: masking off (the plain reference strength)
+    passes: int = 0  # denoiser calls in this step: the first is the positive pass, a second the negative
+    negative: bool = False  # the running call is a CFG negative pass: it reads nothing
+    layout: ReferenceLayout | None = None
+    grid: tuple[int, int] | None = None  # (rows, cols) of the latent tokens
+    text_keep: Tensor | None = None  # [B, T] the model's own text mask (Qwen-Image), None: every text key counts
+    masks: Tensor | None = None  # [B, R, N] Â_i of the latest read (ones for references without a concept)
+    concept_read: Tensor | None = None  # the running step's read, recorded when the step ends
+    records: list[Tensor] = field(default_factory=list)
+    _weights: dict[tuple, Tensor] = field(default_factory=dict)
+    _base: dict[tuple, Tensor] = field(default_factory=dict)
+    _bias: dict[tuple, Tensor] = field(default_factory=dict)
+
+    @property
+    def concepts(self) -> list[int]:
+        """The references that have a concept (the others are never masked)."""
+        return [i for i, span in enumerate(self.spans[0]) if span is not None] if self.spans else []
+
+    def weights(self, num_text: int, device: torch.device) -> Tensor:
+        """[B, R, T] span-averaging weights (zeros for references without a concept), built once per call."""
+        key = (num_text, device)
+        if key not in self._weights:
+            filled = [[span or slice(0, 1) for span in sample] for sample in self.spans]
+            weights = span_weights(filled, num_text, device)
+            weights[:, [i for i in range(weights.shape[1]) if i not in self.concepts]] = 0.0
+            self._weights[key] = weights
+        return self._weights[key]
+
+    def end_step(self, step: int) -> None:
+        """Between steps: record the concept block's read and count the next step."""
+        if self.concept_read is not None:
+            self.records.append(self.concept_read)
+            self.concept_read = None
+        self.step, self.passes = step + 1, 0
+
+    def store(self, masks: Tensor) -> None:
+        """Â of every reference [B, R, N] becomes the one later blocks (and the next step) use."""
+        self.masks = masks
+        self._bias = {}
+        self.concept_read = masks.detach()
+
+
+class ReferenceState:
+    """Owned by one handle; its processors read and write the running call through it."""
+
+    def __init__(self, config: ConceptrolConfig) -> None:
+        self.config = config
+        self.call: ReferenceCall | None = None
+
+    @property
+    def masking(self) -> bool:
+        call = self.call
+        return call is not None and call.spans is not None and bool(call.concepts)
+
+    def follow_window(self) -> None:
+        self.call.follow(self.config.start, self.config.end)
+
+    def reference_scale(self) -> float:
+        """c: the requested strength inside the window, 0.5 outside (section 2)."""
+        c = 1.0 if self.config.scale is None else self.config.scale
+        return c if self.call.active else OUTSIDE_WINDOW_SCALE
+
+    def biased(self) -> bool:
+        """Whether the running denoiser call gets a bias: masking on, or a strength other than 1 (no bias at all when
+        masking is off at c = 1: the stock attention, bit for bit)."""
+        return self.call.layout is not None and bool(self.call.layout.references) and (
+            self.masking or self.reference_scale() != 1.0)
+
+    def prepare(self, device: torch.device) -> None:
+        """Before a denoiser call: what its processors read (span weights, the bias without Â), built outside any
+        compiled graph so that the graph is not specialised on the spans."""
+        call = self.call
+        if self.masking:
+            call.weights(call.layout.text.stop - call.layout.text.start, device)
+        if self.biased():
+            self.base_bias(device)
+
+    def base_bias(self, device: torch.device) -> Tensor:
+        """Section 6's table without the log Â terms, fp32 [B, 1, L, L], built once per layout and strength."""
+        call, layout, scale = self.call, self.call.layout, self.reference_scale()
+        key = (layout.key, scale, self.masking, device)
+        if key not in call._base:
+            spans = call.spans if self.masking else None
+            call._base[key] = references_bias(layout.length, layout.text, layout.latent, list(layout.references), spans,
+                                              scale, None, call.text_keep, device)
+        return call._base[key]
+
+    def bias(self, device: torch.device, dtype: torch.dtype, rows: tuple[slice, ...] | None = None) -> Tensor:
+        """The bias of the running call with the current Â, built once until the mask or the layout changes; `rows`
+        keeps only those query rows (a sequence whose reference tokens attend apart, as FLUX.2's KV cache)."""
+        call, layout = self.call, self.call.layout
+        key = (layout.key, self.reference_scale(), self.masking, device, dtype,
+               None if rows is None else tuple((r.start, r.stop) for r in rows))
+        if key not in call._bias:
+            bias = self.base_bias(device)
+            if self.masking and call.masks is not None:
+                bias = bias.clone()
+                for i in call.concepts:
+                    bias[:, 0, layout.latent, layout.references[i]] += call.masks[:, i].log().to(bias.device)[:, :, None]
+            if rows is not None:
+                bias = torch.cat([bias[:, :, part] for part in rows], dim=2)
+            call._bias[key] = bias.to(dtype)
+        return call._bias[key]
+
+    def read(self, latent_query: Tensor, text_key: Tensor) -> None:
+        """At the concept block of a positive pass: Â_i = r_i / mean r_i of every reference with a concept."""
+        call = self.call
+        weights = call.weights(text_key.shape[2], text_key.device)  # [B, R, T]
+        r = text_share(latent_query, text_key, weights, call.text_keep)  # [B, R, N]
+        ones = torch.ones_like(r)
+        concept = torch.zeros(r.shape[1], dtype=torch.bool, device=r.device)
+        concept[call.concepts] = True
+        call.store(torch.where(concept[None, :, None], r / r.mean(dim=-1, keepdim=True), ones))
