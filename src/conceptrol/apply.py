@@ -25,6 +25,7 @@ class Family:
 
 # Tried in order; the first family whose `recognises(pipe)` is true installs Conceptrol on the pipeline.
 FAMILIES = (
+    Family("flux2"),  # before flux: FLUX.2's transformer has double- and single-stream blocks too
     Family("flux", {"redux": "a FLUX.1 pipeline (FluxPipeline)"}),
     Family("unet"),
 )
@@ -35,7 +36,7 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
 
     SD 1.5 / SDXL with an IP-Adapter; FLUX.1 with the OminiControl subject LoRA, with XLabs' IP-Adapter, as a
     FluxKontextPipeline, or with `redux=` a FluxPriorReduxPipeline (then `pipe` is a FluxPipeline with its text
-    encoders).
+    encoders); FLUX.2 (Flux2Pipeline, Flux2KleinPipeline, Flux2KleinKVPipeline) with several reference images.
     """
     keywords = {name: value for name, value in {"redux": redux}.items() if value is not None}
     for family in FAMILIES:
@@ -46,7 +47,8 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
             return module.install(pipe, config or ConceptrolConfig(), **keywords)
     raise ConceptrolError(
         f"{type(pipe).__name__} is not supported; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
-        "with an IP-Adapter, and FLUX pipelines with OminiControl"
+        "with an IP-Adapter, FLUX.1 pipelines with OminiControl, XLabs' IP-Adapter, Kontext or Redux, and FLUX.2 "
+        "pipelines"
     )
 
 
