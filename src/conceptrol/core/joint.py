@@ -56,10 +56,13 @@ class ReferenceCall(StepWindow):
     _base: dict[tuple, Tensor] = field(default_factory=dict)
     _bias: dict[tuple, Tensor] = field(default_factory=dict)
 
-    @property
-    def concepts(self) -> list[int]:
-        """The references that have a concept (the others are never masked)."""
-        return [i for i, span in enumerate(self.spans[0]) if span is not None] if self.spans else []
+    concepts: tuple[int, ...] = ()  # the references that have a concept (the others are never masked)
+    masking: bool = False  # some reference is masked in this call
+
+    def __post_init__(self) -> None:
+        # Set once from the spans: processors read these, never the spans (a compiled transformer would guard on them)
+        self.concepts = tuple(i for i, span in enumerate(self.spans[0]) if span is not None) if self.spans else ()
+        self.masking = bool(self.concepts)
 
     def weights(self, num_text: int, device: torch.device) -> Tensor:
         """[B, R, T] span-averaging weights (zeros for references without a concept), built once per call."""
@@ -95,7 +98,7 @@ class ReferenceState:
     @property
     def masking(self) -> bool:
         call = self.call
-        return call is not None and call.spans is not None and bool(call.concepts)
+        return call is not None and call.masking
 
     def follow_window(self) -> None:
         self.call.follow(self.config.start, self.config.end)
@@ -154,5 +157,5 @@ class ReferenceState:
         r = text_share(latent_query, text_key, weights, call.text_keep)  # [B, R, N]
         ones = torch.ones_like(r)
         concept = torch.zeros(r.shape[1], dtype=torch.bool, device=r.device)
-        concept[call.concepts] = True
+        concept[list(call.concepts)] = True
         call.store(torch.where(concept[None, :, None], r / r.mean(dim=-1, keepdim=True), ones))

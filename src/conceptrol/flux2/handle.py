@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from PIL import Image
 from torch import Tensor
 
 from ..core.config import ConceptrolConfig
@@ -21,6 +22,7 @@ from .processors import Flux2DoubleProcessor, Flux2SingleProcessor
 from .text import MAX_TEXT_TOKENS, locate_concept, text_tokenizer
 
 PROCESSOR_SUFFIX = ".attn.processor"
+MIN_REFERENCE_SIDE, MAX_REFERENCE_ASPECT = 64, 8  # Flux2ImageProcessor.check_image_input's limits
 
 
 class Flux2Handle(ReferenceHandle):
@@ -48,6 +50,9 @@ class Flux2Handle(ReferenceHandle):
             value = kwargs.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConceptrolError(f"{name} must be a positive number of pixels, got {value!r}")
+        image = kwargs["image"]
+        for number, reference in enumerate(image if isinstance(image, (list, tuple)) else [image], start=1):
+            _check_reference(number, reference)
 
     def _locate(self, kwargs: dict) -> Any:
         length = int(kwargs.get("max_sequence_length") or MAX_TEXT_TOKENS)
@@ -77,6 +82,20 @@ class Flux2Handle(ReferenceHandle):
         return ReferenceLayout(num_text + ids.shape[0], slice(0, num_text),
                                slice(num_text + latent[0], num_text + latent[0] + latent[1]),
                                tuple(slice(num_text + start, num_text + start + count) for _, start, count in references))
+
+
+def _check_reference(number: int, image: Any) -> None:
+    """What FLUX.2's image processor accepts (Flux2ImageProcessor.check_image_input), said before any step."""
+    if not isinstance(image, Image.Image):
+        raise ConceptrolError(f"reference {number} must be a PIL image (FLUX.2 takes no tensors or paths here), got "
+                              f"{type(image).__name__}; open files with PIL.Image.open(path).convert('RGB')")
+    width, height = image.size
+    if min(width, height) < MIN_REFERENCE_SIDE:
+        raise ConceptrolError(f"reference {number} is {width}x{height} pixels; FLUX.2 needs both sides at least "
+                              f"{MIN_REFERENCE_SIDE}: upscale it")
+    if max(width / height, height / width) > MAX_REFERENCE_ASPECT:
+        raise ConceptrolError(f"reference {number} is {width}x{height} pixels; FLUX.2 takes aspect ratios up to "
+                              f"{MAX_REFERENCE_ASPECT}:1: crop it")
 
 
 def _runs(values: list[float]) -> list[tuple[float, int, int]]:

@@ -85,9 +85,11 @@ CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
                        "<|vision_end|>", "<|image_pad|>"]
 
 
-def chat_tokenizer(chat_template: str, max_length: int = 1024):
-    """A byte-level tokenizer (every byte a token, as GPT-2's alphabet spells it) with Qwen's special tokens and the
-    given chat template: a fast tokenizer, so it has offset mappings, as the real Qwen and Mistral ones do."""
+def chat_tokenizer(chat_template: str, max_length: int = 1024, special_tokens: list[str] = CHAT_SPECIAL_TOKENS,
+                   bos: str | None = None, eos: str = "<|im_end|>", pad: str = "<|endoftext|>"):
+    """A byte-level tokenizer (every byte a token, as GPT-2's alphabet spells it) with the given special tokens
+    (Qwen's by default) and chat template: a fast tokenizer, so it has offset mappings, as the real Qwen and Mistral
+    ones do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,6 +97,6 @@ def chat_tokenizer(chat_template: str, max_length: int = 1024):
     tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tokenizer.add_special_tokens(special_tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
                                    chat_template=chat_template, model_max_length=max_length)
