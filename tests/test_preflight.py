@@ -47,7 +47,7 @@ def test_a_saved_sd15_folder_lists_the_u_nets_cross_attention_layers_without_wei
     (dict(concept=("dog", "wave"), image=(Path("a.png"), Path("b.png"))), "OminiControl (FLUX) takes one reference image"),
     (dict(size=(72, 64)), "multiples of 16"),
     (dict(adapter="plus"), "unknown adapter 'plus' for flux; choose one of subject, subject-1024"),
-    (dict(concept_layer="transformer_blocks.18"), "not a block of this FLUX transformer"),
+    (dict(concept_layer="transformer_blocks.18"), "not a block of this transformer"),
 ])
 def test_flux_options_that_do_not_apply_are_refused(flux_folder, changes, message):
     with pytest.raises(ConceptrolError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -35,10 +35,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 DEMO_SHORT_NAMES = tuple(name.removeprefix("tiny-") for name in TINY_MODELS)  # `demo --model sd15` and the like
-MODEL_HELP = ("sd15, sdxl, flux, flux-dev, flux-kontext, a hub id, a local folder, or an offline tiny model with random "
-              f"weights ({', '.join(TINY_MODELS)}) (default: sd15)")
+MODEL_HELP = ("sd15, sdxl, flux, flux-dev, flux-kontext, flux2-klein, flux2-dev, qwen-image-edit-plus, a hub id, a local "
+              f"folder, or an offline tiny model with random weights ({', '.join(TINY_MODELS)}) (default: sd15)")
 ADAPTER_HELP = ("SD: base, plus, plus-face, full-face (default plus); FLUX.1: subject, subject-1024 (OminiControl, the "
-                "default), xlabs-ip, redux; Kontext: kontext (the default)")
+                "default), xlabs-ip, redux; Kontext: kontext (the default); FLUX.2 and Qwen-Image-Edit take their "
+                "references themselves (references, the default)")
 ADAPTER_REPO_HELP = ("hub id or local copy of the adapter's repository: h94/IP-Adapter, Yuanshi/OminiControl, "
                      "XLabs-AI/flux-ip-adapter, black-forest-labs/FLUX.1-Redux-dev")
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: auto)"
@@ -58,10 +59,13 @@ def _generation_flags(parser: argparse.ArgumentParser, sweep: bool = False) -> N
     parser.add_argument("--start", type=float, help="fraction of steps before Conceptrol's adapter acts "
                                                     "(default: 0.2; FLUX 0); baselines always start at 0")
     parser.add_argument("--end", type=float, default=1.0, help="fraction of steps after which it stops (default: 1.0)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: 50; FLUX 8)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: 50; FLUX.1 8 to 28; FLUX.2 [klein] 4, "
+                                                  "[dev] 50; Qwen-Image-Edit 40)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: 7.5 for SD 1.5, 6.0 for "
-                                                       "SDXL; FLUX.1-dev 3.5; not for FLUX.1-schnell)")
-    parser.add_argument("--negative-prompt", help=f"SD only (default: the paper's, {NEGATIVE_PROMPT!r})")
+                                                       "SDXL; FLUX.1-dev 3.5; not for FLUX.1-schnell; FLUX.2 [dev] 4; "
+                                                       "Qwen-Image-Edit's true CFG 4)")
+    parser.add_argument("--negative-prompt", help=f"SD (default: the paper's, {NEGATIVE_PROMPT!r}) and Qwen-Image-Edit "
+                                                  "(default: ' ')")
     parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
     parser.add_argument("--condition-size", type=int, help="OminiControl: the reference's square size (default: 512); "
                                                            "Kontext: its longer side (default: Kontext's own ~1 MP)")
@@ -74,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     gen = commands.add_parser("generate", help="generate images with Conceptrol (real weights)")
     gen.add_argument("--prompt", required=True, help="the text prompt")
-    gen.add_argument("--image", type=Path, action="append", required=True, help="reference image (repeat for several subjects)")
+    gen.add_argument("--image", "--reference", dest="image", type=Path, action="append", required=True,
+                     help="reference image (repeat for several subjects)")
     gen.add_argument("--concept", action="append", required=True, help="the prompt's word or phrase for each --image, "
-                     "in order; WORD@N picks its N-th occurrence (dog@2: the second 'dog')")
+                     "in order; WORD@N picks its N-th occurrence (dog@2: the second 'dog'); '-' keeps that reference "
+                     "global (a background or style; FLUX.2 and Qwen-Image-Edit)")
     _generation_flags(gen)
     gen.add_argument("--masking", default="global", choices=["global", "local", "none"], help=MASKING_HELP)
     gen.add_argument("--scale", type=float, help="adapter scale (default: 1.5 for SD 1.5, 1.0 for SDXL and FLUX)")

@@ -17,7 +17,15 @@ from ..core.config import ConceptrolConfig
 from ..core.files import free_suffix, safe_name, with_suffix, write_new_text
 from ..core.images import load_reference_image
 from .outputs import check_output_dir, make_output_dir, write_new_png
-from .settings import NEGATIVE_PROMPT, PAPER_DEMO, GenerateSettings, ModelSource, resolved_values, tiny_profile
+from .settings import (
+    MULTI_REFERENCE,
+    NEGATIVE_PROMPT,
+    PAPER_DEMO,
+    GenerateSettings,
+    ModelSource,
+    resolved_values,
+    tiny_profile,
+)
 
 __all__ = ["NEGATIVE_PROMPT", "PAPER_DEMO", "GenerateResult", "GenerateSettings", "ModelSource", "generate",
            "pipeline_for", "run_conceptrol", "safe_name"]
@@ -136,6 +144,13 @@ def _call(handle: Any, profile: str, settings: GenerateSettings, references: lis
           values: dict[str, Any], common: dict[str, Any]) -> Any:
     """The handle called with each adapter's keywords for the reference and the size."""
     concepts = list(settings.concept)
+    if profile in MULTI_REFERENCE:  # FLUX.2, Qwen-Image-Edit: every reference in the sequence, each its own concept
+        width, height = settings.size or (None, None)
+        if profile == "qwen-edit":  # true CFG: a negative prompt and its scale; no guidance embedding
+            guidance = common.pop("guidance_scale")
+            common |= {"true_cfg_scale": guidance, "negative_prompt": values["negative_prompt"]}
+        return handle(prompt=settings.prompt, concepts=concepts, image=list(references), width=width, height=height,
+                      **common)
     if profile in ("sd15", "sdxl"):
         width, height = settings.size or (None, None)
         return handle(prompt=settings.prompt, concepts=concepts, ip_adapter_image=[references],
@@ -171,7 +186,8 @@ def _parameters(settings: GenerateSettings, values: dict[str, Any], pipe: Any) -
 
     from .. import __version__
 
-    concepts = [concept.text if isinstance(concept, Concept) else concept for concept in settings.concept]
+    concepts = [concept.text if isinstance(concept, Concept) else "-" if concept is None else concept
+                for concept in settings.concept]
     occurrences = [concept.occurrence if isinstance(concept, Concept) else 0 for concept in settings.concept]
     parameters = {"prompt": settings.prompt, "concepts": [str(c) for c in concepts], "model": _absolute(settings.model),
                   "masking": settings.masking, "end": settings.end, "seed": settings.seed,
@@ -225,7 +241,8 @@ def save_result(result: GenerateResult, settings: GenerateSettings, out: Path) -
         planned += [(f"{stem}.png", "image", index), (f"{stem}.json", "sidecar", index)]
         if settings.save_masks and result.masks is not None:
             planned += [(f"{stem}-mask{j}-{safe_name(str(label))}.png", ("mask", j), index)
-                        for j, label in enumerate(result.parameters.get("concepts", settings.concept))]
+                        for j, label in enumerate(result.parameters.get("concepts", settings.concept))
+                        if settings.concept[j] is not None]  # a global reference has no mask
     make_output_dir(out)
     suffix = free_suffix(out, [name for name, _, _ in planned])
     files = []

@@ -22,7 +22,14 @@ MODEL_PRESETS = {
     "flux": "black-forest-labs/FLUX.1-schnell",
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+    "flux2-klein": "black-forest-labs/FLUX.2-klein-4B",
+    "flux2-dev": "black-forest-labs/FLUX.2-dev",
+    "qwen-image-edit-plus": "Qwen/Qwen-Image-Edit-2509",
 }
+# Pipelines whose references go into the joint sequence (ALGORITHM.md section 6): class name -> family
+MULTI_REFERENCE_PIPELINES = {"Flux2KleinPipeline": "flux2-klein", "Flux2KleinKVPipeline": "flux2-klein",
+                             "Flux2Pipeline": "flux2-dev", "QwenImageEditPlusPipeline": "qwen-edit",
+                             "QwenImageEditPipeline": "qwen-edit"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class AdapterWeights:
     weight_name: str  # the file inside the repository (Redux: its pipeline's model_index.json)
     image_encoder: str  # the image encoder: a folder of the repo (h94/IP-Adapter) or a hub id (XLabs: CLIP ViT-L)
     repo: str = "h94/IP-Adapter"
-    kind: str = "ip-adapter"  # ip-adapter, ominicontrol, xlabs-ip, redux, or kontext (built into the model)
+    kind: str = "ip-adapter"  # ip-adapter, ominicontrol, xlabs-ip, redux, or kontext / references (in the model)
 
 
 OMINICONTROL, XLABS, REDUX = "Yuanshi/OminiControl", "XLabs-AI/flux-ip-adapter", "black-forest-labs/FLUX.1-Redux-dev"
@@ -57,18 +64,23 @@ ADAPTERS: dict[str, dict[str, AdapterWeights]] = {
         "redux": AdapterWeights("", "model_index.json", "", REDUX, "redux"),
     },
     "flux-kontext": {"kontext": AdapterWeights("", "", "", "", "kontext")},  # the reference goes in the sequence
+    # FLUX.2 and Qwen-Image-Edit take their references themselves, into the joint sequence
+    **{family: {"references": AdapterWeights("", "", "", "", "references")}
+       for family in ("flux2-klein", "flux2-dev", "qwen-edit")},
 }
-DEFAULT_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject", "flux-kontext": "kontext"}
+DEFAULT_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject", "flux-kontext": "kontext",
+                    "flux2-klein": "references", "flux2-dev": "references", "qwen-edit": "references"}
 # The adapter each profile runs when none is named (a loaded pipeline's profile says which one it carries).
 PROFILE_ADAPTERS = {"sd15": "plus", "sdxl": "plus", "flux": "subject", "flux-ip": "xlabs-ip", "flux-kontext": "kontext",
-                    "flux-redux": "redux"}
+                    "flux-redux": "redux", "flux2-klein": "references", "flux2-dev": "references",
+                    "qwen-edit": "references"}
 # What each adapter makes of a FLUX model: the profile that picks the front-ends' defaults (settings.PAPER_DEMO).
 FLUX_PROFILES = {"ominicontrol": "flux", "xlabs-ip": "flux-ip", "redux": "flux-redux", "kontext": "flux-kontext"}
 
 
 def profile_for(family: str, adapter: str | None) -> str:
-    """sd15, sdxl, flux (OminiControl), flux-ip, flux-redux or flux-kontext."""
-    if family in ("sd15", "sdxl"):
+    """sd15, sdxl, flux (OminiControl), flux-ip, flux-redux, flux-kontext, flux2-klein, flux2-dev or qwen-edit."""
+    if family in ("sd15", "sdxl", "flux2-klein", "flux2-dev", "qwen-edit"):
         return family
     return FLUX_PROFILES[adapter_weights(family, adapter or DEFAULT_ADAPTERS[family]).kind]
 
@@ -173,28 +185,38 @@ def pick_dtype(dtype: str, device: torch.device, model: str = "sd15") -> torch.d
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        return torch.bfloat16 if guess_architecture(model) == "flux" else torch.float16  # FLUX runs in bf16
+        bf16 = guess_architecture(model) in ("flux", "flux2", "qwenimage")  # the DiTs run in bf16
+        return torch.bfloat16 if bf16 else torch.float16
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
 def guess_architecture(model: str) -> str:
-    """sd15, sdxl or flux before loading: from a local folder's model_index.json, else from the name."""
+    """sd15, sdxl, flux, flux2 or qwenimage before loading: from a local folder's model_index.json, else the name."""
     index = Path(model).expanduser() / "model_index.json"
-    name = model.lower()
+    name = MODEL_PRESETS.get(model, model).lower()
     if index.is_file():
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "").lower()
+    if "qwen" in name:
+        return "qwenimage"
+    if re.search(r"flux\.?2", name):
+        return "flux2"
     if "flux" in name:
         return "flux"
     return "sdxl" if "xl" in name else "sd15"
 
 
 def guess_family(model: str) -> str:
-    """guess_architecture, with 'flux-kontext' for Kontext models (from model_index.json or the name)."""
+    """guess_architecture, with 'flux-kontext' for Kontext models, 'flux2-klein' / 'flux2-dev' for FLUX.2 and
+    'qwen-edit' for Qwen-Image-Edit (from model_index.json or the name)."""
     architecture = guess_architecture(model)
     index = Path(model).expanduser() / "model_index.json"
     name = MODEL_PRESETS.get(model, model).lower()
     if index.is_file():
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "").lower()
+    if architecture == "flux2":
+        return "flux2-klein" if "klein" in name else "flux2-dev"
+    if architecture == "qwenimage":
+        return "qwen-edit"
     return "flux-kontext" if architecture == "flux" and "kontext" in name else architecture
 
 
@@ -230,7 +252,7 @@ def load_base_pipeline(model: str, device: torch.device, dtype: torch.dtype, fla
 
 def _load_adapter(pipe: Any, weights: AdapterWeights, repo: str, flag: str, dtype: torch.dtype) -> Any:
     what = f"adapter {weights.weight_name or weights.kind}"
-    if weights.kind == "kontext":
+    if weights.kind in ("kontext", "references"):
         return pipe
     if weights.kind == "ominicontrol":
         _fetch(what, repo, flag, lambda: pipe.load_lora_weights(repo, weight_name=weights.weight_name, adapter_name="subject"))
@@ -266,15 +288,24 @@ def xlabs_image_encoder(repo: str, weights: AdapterWeights) -> str:
 
 
 def pipeline_architecture(pipe: Any) -> str:
-    """'flux', 'sdxl' or 'sd15'."""
+    """'flux', 'flux2', 'qwenimage', 'sdxl' or 'sd15'."""
     pipe = getattr(pipe, "pipe", pipe)  # ReduxPipelines
+    transformer = getattr(pipe, "transformer", None)
+    name = type(getattr(transformer, "_orig_mod", transformer)).__name__
+    if name == "Flux2Transformer2DModel":
+        return "flux2"
+    if name.startswith("QwenImage"):
+        return "qwenimage"
     if hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks"):
         return "flux"
     return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
 def pipeline_family(pipe: Any) -> str:
-    """The pipeline's family for ADAPTERS: 'flux-kontext' for a FluxKontextPipeline, else its architecture."""
+    """The pipeline's family for ADAPTERS: 'flux-kontext' for a FluxKontextPipeline, the family of a pipeline that
+    takes its references itself (FLUX.2, Qwen-Image-Edit), else its architecture."""
+    if type(pipe).__name__ in MULTI_REFERENCE_PIPELINES:
+        return MULTI_REFERENCE_PIPELINES[type(pipe).__name__]
     architecture = pipeline_architecture(pipe)
     return "flux-kontext" if architecture == "flux" and "Kontext" in type(pipe).__name__ else architecture
 
@@ -282,7 +313,8 @@ def pipeline_family(pipe: Any) -> str:
 def adapter_weights(family: str, adapter: str) -> AdapterWeights:
     choices = ADAPTERS[family]
     if adapter not in choices:
-        what = "a FLUX.1 Kontext model (the reference goes in its sequence)" if family == "flux-kontext" else family
+        what = {"flux-kontext": "a FLUX.1 Kontext model (the reference goes in its sequence)"}.get(
+            family, f"{family} (the references go in its sequence)" if "references" in choices else family)
         raise ConceptrolError(f"unknown adapter {adapter!r} for {what}; choose one of {', '.join(choices)}")
     return choices[adapter]
 
@@ -301,7 +333,7 @@ def _fetch(what: str, source: str, flag: str, load: Callable[[], Any]) -> Any:
 
 # adapter -> the tiny model that carries it
 TINY_WITH = {"plus": "tiny-sd15", "subject": "tiny-flux", "xlabs-ip": "tiny-flux-ip", "kontext": "tiny-flux-kontext",
-             "redux": "tiny-flux-redux"}
+             "redux": "tiny-flux-redux", "references": "tiny-flux2"}
 
 
 def check_tiny_flags(model: str, adapter: str | None, adapter_repo: str | None) -> str:
@@ -311,7 +343,7 @@ def check_tiny_flags(model: str, adapter: str | None, adapter_repo: str | None) 
     carried = PROFILE_ADAPTERS[profile]
     if adapter is not None and adapter != carried:
         family = "sd15" if profile == "sd15" else "flux"
-        if adapter not in ADAPTERS[family] and adapter != "kontext":
+        if adapter not in ADAPTERS[family] and adapter not in ("kontext", "references"):
             adapter_weights(family, adapter)
         other = f", or use --model {TINY_WITH[adapter]}" if adapter in TINY_WITH else ""
         raise ConceptrolError(f"--model {model} carries the adapter {carried} only; leave out --adapter {adapter}{other}")
@@ -327,6 +359,14 @@ def tiny_pipeline(model: str = "sd15", seed: int = 0):
 
     if model == "flux":
         return tiny_ominicontrol(seed=seed)
+    if model == "flux2-klein":
+        from ..tiny.flux2 import tiny_flux2_klein
+
+        return tiny_flux2_klein(seed=seed, distilled=True)
+    if model == "qwen-edit":
+        from ..tiny.qwen import tiny_qwen_edit_plus
+
+        return tiny_qwen_edit_plus(seed=seed)
     if model.startswith("flux-"):
         return _tiny_flux1(model, seed)
     pipe = tiny_sd15_pipeline(seed=seed)

@@ -11,13 +11,21 @@ import difflib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..core.concepts import Concept, resolve_concepts
 from ..core.config import CONCEPT_LAYERS, normalize_layer_name
 from ..core.errors import ConceptrolError
-from .loading import DEFAULT_ADAPTERS, adapter_weights, profile_for, resolve_model, resolve_repo, xlabs_image_encoder
-from .settings import GenerateSettings, check_resolved_window, check_size
+from .loading import (
+    DEFAULT_ADAPTERS,
+    MULTI_REFERENCE_PIPELINES,
+    adapter_weights,
+    profile_for,
+    resolve_model,
+    resolve_repo,
+    xlabs_image_encoder,
+)
+from .settings import MULTI_REFERENCE, PROFILE_NAMES, GenerateSettings, check_resolved_window, check_size
 
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length; concept spans must lie inside it
 
@@ -26,14 +34,15 @@ FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length; concept span
 class ModelInfo:
     """What the checks need to know about a model, read from its configs and tokenizer (or a loaded pipeline)."""
 
-    architecture: str  # sd15, sdxl or flux
-    tokenizer: Any  # the tokenizer whose positions concept spans count: CLIP (SD) or T5 (FLUX)
+    architecture: str  # sd15, sdxl, flux, flux2 or qwenimage
+    tokenizer: Any  # the tokenizer whose positions concept spans count: CLIP (SD), T5 (FLUX.1), the chat model's
     max_length: int  # that text encoder's token limit
     layers: tuple[str, ...] | None = None  # layer (SD) or block (FLUX) names a concept layer may take; None = unknown
     guidance_embeds: bool = False  # FLUX.1-dev takes a guidance value; FLUX.1-schnell does not
     pixel_multiple: int = 8  # output sizes must be multiples of this
     family: str = ""  # for the adapter names: sd15, sdxl, flux or flux-kontext ('' = the architecture)
     loaded_profile: str | None = None  # a loaded pipeline's: what its adapter makes of it (flux-ip, flux-redux, ...)
+    locate: Callable[[str, Any], slice] | None = None  # a chat-templated model's: (prompt, concept) -> its span
 
     @property
     def adapter_family(self) -> str:
@@ -48,7 +57,8 @@ def info_from_pipeline(pipe: Any, as_real: bool = False) -> ModelInfo:
     """The ModelInfo of a loaded pipeline (its adapter loaded; Redux as ReduxPipelines). `as_real`: a tiny model,
     checked as the real model it stands for (sizes in multiples of the real VAE's: 8 on SD, 16 on FLUX)."""
     info = _info_from_pipeline(pipe)
-    return replace(info, pixel_multiple=16 if info.architecture == "flux" else 8) if as_real else info
+    real = 16 if info.architecture in ("flux", "flux2", "qwenimage") else 8
+    return replace(info, pixel_multiple=real) if as_real else info
 
 
 def _info_from_pipeline(pipe: Any) -> ModelInfo:
@@ -57,6 +67,8 @@ def _info_from_pipeline(pipe: Any) -> ModelInfo:
     profile = pipeline_profile(pipe)
     pipe = getattr(pipe, "pipe", pipe)
     transformer = getattr(pipe, "transformer", None)
+    if profile in MULTI_REFERENCE:
+        return _multi_reference_info(pipe, profile)
     if hasattr(transformer, "single_transformer_blocks"):
         from ..flux.blocks import block_names
 
@@ -71,6 +83,26 @@ def _info_from_pipeline(pipe: Any) -> ModelInfo:
     return ModelInfo(detect_architecture(unet), tokenizer, tokenizer.model_max_length, layers, False, pipe.vae_scale_factor)
 
 
+def _multi_reference_info(pipe: Any, profile: str) -> ModelInfo:
+    """FLUX.2 or Qwen-Image-Edit, loaded: its blocks, and its concepts located in its chat template."""
+    transformer = pipe.transformer
+    if profile.startswith("flux2"):
+        from ..core.blocks import dual_stream_block_names
+        from ..flux2.text import locate_concept
+
+        blocks = dual_stream_block_names(transformer)
+        locate = lambda prompt, concept: locate_concept(pipe, prompt, concept)  # noqa: E731
+        tokenizer = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)
+        return ModelInfo("flux2", tokenizer, 512, tuple(blocks), True, pipe.vae_scale_factor * 2, profile, profile,
+                         locate)
+    from ..qwenimage.text import locate_concept as locate_qwen
+
+    blocks = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
+    locate = lambda prompt, concept: locate_qwen(pipe, prompt, concept)  # noqa: E731
+    return ModelInfo("qwenimage", pipe.tokenizer, 1024, tuple(blocks), False, pipe.vae_scale_factor * 2, profile,
+                     profile, locate)
+
+
 def pipeline_profile(pipe: Any) -> str:
     """What a loaded pipeline's adapter makes of it: sd15, sdxl, flux (OminiControl), flux-ip, flux-redux, flux-kontext."""
     from .loading import ReduxPipelines, pipeline_architecture, pipeline_family
@@ -79,7 +111,7 @@ def pipeline_profile(pipe: Any) -> str:
         return "flux-redux"
     family = pipeline_family(pipe)
     if family != "flux":
-        return family
+        return family  # sd15, sdxl, flux-kontext, or a pipeline that takes its references itself
     processors = pipe.transformer.attn_processors.values()
     return "flux-ip" if any(hasattr(p, "to_k_ip") for p in processors) else pipeline_architecture(pipe)
 
@@ -90,6 +122,8 @@ def info_from_source(model: str, need_layers: bool = False, flag: str = "--model
     ensure_available(source, "model_index.json", flag, "the model")
     index = _read_json(source, "model_index.json", flag)
     name = str(index.get("_class_name", ""))
+    if name in MULTI_REFERENCE_PIPELINES:
+        return _multi_reference_source(source, index, name, flag)
     if "Flux" in name:
         config = _read_json(source, "transformer/config.json", flag)
         blocks = tuple(f"transformer_blocks.{i}" for i in range(config.get("num_layers", 19))) + tuple(
@@ -109,6 +143,28 @@ def info_from_source(model: str, need_layers: bool = False, flag: str = "--model
     return ModelInfo(architecture, tokenizer, tokenizer.model_max_length, layers)
 
 
+def _multi_reference_source(source: str, index: dict, name: str, flag: str) -> ModelInfo:
+    """FLUX.2 or Qwen-Image-Edit from its configs and tokenizer: blocks, and concepts located in its chat template."""
+    family = MULTI_REFERENCE_PIPELINES[name]
+    config = _read_json(source, "transformer/config.json", flag)
+    tokenizer = _tokenizer(source, index, "tokenizer" if family.startswith("flux2") else "processor", flag)
+    if family.startswith("flux2"):
+        from ..flux2.text import locate_in_template
+
+        blocks = tuple(f"transformer_blocks.{i}" for i in range(config.get("num_layers", 8))) + tuple(
+            f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 48)))
+        dev = family == "flux2-dev"
+        locate = lambda prompt, concept: locate_in_template(tokenizer, prompt, concept, dev=dev)  # noqa: E731
+        return ModelInfo("flux2", getattr(tokenizer, "tokenizer", tokenizer), 512, blocks, True, 16, family, None,
+                         locate)
+    from ..qwenimage.text import locate_in_template as locate_qwen
+
+    blocks = tuple(f"transformer_blocks.{i}" for i in range(config.get("num_layers", 60)))
+    locate = lambda prompt, concept: locate_qwen(tokenizer, prompt, concept)  # noqa: E731
+    return ModelInfo("qwenimage", getattr(tokenizer, "tokenizer", tokenizer), 1024, blocks, False, 16, family, None,
+                     locate)
+
+
 def check_settings(settings: GenerateSettings, info: ModelInfo, check_adapter: bool = True) -> None:
     """Every check of `settings` against the model that needs no weights; raises ConceptrolError."""
     check_model_options(settings, info, check_adapter)
@@ -117,7 +173,7 @@ def check_settings(settings: GenerateSettings, info: ModelInfo, check_adapter: b
 
 def check_model_options(settings: GenerateSettings, info: ModelInfo, check_adapter: bool = True) -> None:
     """The adapter name, the concept layer, the size and the options that only some models take."""
-    flux = info.architecture == "flux"
+    flux = info.architecture in ("flux", "flux2", "qwenimage")  # transformer blocks, not U-Net layers
     family = info.adapter_family
     if check_adapter:
         adapter_weights(family, settings.adapter or DEFAULT_ADAPTERS[family])
@@ -135,6 +191,13 @@ def check_model_options(settings: GenerateSettings, info: ModelInfo, check_adapt
 
 def check_concepts(settings: GenerateSettings, info: ModelInfo) -> None:
     """Each concept is found in the prompt's tokens with the model's own tokenizer (ConceptNotFoundError if not)."""
+    if info.locate is not None:  # a chat-templated model: None concepts stay global
+        resolve_concepts(info.tokenizer, [settings.prompt], [_concept(c) for c in settings.concept], 1,
+                         locate=info.locate, optional=True)
+        return
+    if any(concept is None for concept in settings.concept):
+        raise ConceptrolError("--concept - (a global reference) applies to FLUX.2 and Qwen-Image-Edit; on this model "
+                              "every reference needs a word of the prompt")
     resolve_concepts(info.tokenizer, [settings.prompt], [_concept(c) for c in settings.concept], 1, info.max_length)
 
 
@@ -148,6 +211,16 @@ def _check_options(settings: GenerateSettings, profile: str, info: ModelInfo) ->
         if settings.condition_size is not None:
             raise ConceptrolError("--condition-size applies to FLUX with OminiControl or Kontext (the reference's "
                                   "size); leave it out for SD")
+        return
+    if profile in MULTI_REFERENCE:
+        name = PROFILE_NAMES[profile]
+        if settings.masking == "local":
+            raise ConceptrolError(f"{name} has no local masking; use --masking global (Conceptrol) or none (as is)")
+        if settings.condition_size is not None:
+            raise ConceptrolError(f"--condition-size sizes OminiControl's and Kontext's reference; {name} sizes its "
+                                  "references itself")
+        if settings.negative_prompt is not None and profile != "qwen-edit":
+            raise ConceptrolError(f"--negative-prompt applies to SD and Qwen-Image-Edit (true CFG); {name} takes none")
         return
     name = FLUX_ADAPTER_NAMES[profile]
     if len(settings.image) != 1:
@@ -170,7 +243,7 @@ def check_layer(layer: str, layers: tuple[str, ...], flux: bool = False) -> None
     if layer in layers:
         return
     close = difflib.get_close_matches(layer, layers, n=3, cutoff=0.6)
-    what = "block of this FLUX transformer" if flux else "cross-attention layer with an IP-Adapter in this U-Net"
+    what = "block of this transformer" if flux else "cross-attention layer with an IP-Adapter in this U-Net"
     example = CONCEPT_LAYERS["flux" if flux else "sd15"]
     hint = f"did you mean one of {close}?" if close else f"names look like {example!r}"
     raise ConceptrolError(f"concept layer {layer!r} is not a {what}; {hint}")
@@ -180,7 +253,7 @@ def check_adapter_source(family: str, adapter: str | None, adapter_repo: str | N
                          flag: str = "--adapter-repo") -> None:
     """The adapter's weights (and XLabs' image encoder) are in a local copy, the local cache, or on a reachable hub."""
     weights = adapter_weights(family, adapter or DEFAULT_ADAPTERS[family])
-    if weights.kind == "kontext":
+    if weights.kind in ("kontext", "references"):
         return  # built into the model
     repo = resolve_repo(adapter_repo, flag) if adapter_repo else weights.repo
     what = f"adapter {weights.weight_name}" if weights.kind != "redux" else "the Redux prior"
@@ -226,7 +299,7 @@ def ensure_available(repo: str, filename: str, flag: str, what: str, hint: str |
 
 
 def _concept(value: Any) -> Any:
-    return value if isinstance(value, (Concept, slice, tuple)) else str(value)
+    return value if value is None or isinstance(value, (Concept, slice, tuple)) else str(value)
 
 
 def _read_json(source: str, filename: str, flag: str) -> dict:

@@ -29,12 +29,20 @@ PAPER_DEMO = {
     "flux-ip": dict(scale=1.0, start=0.0, steps=28, guidance=3.5),  # XLabs' IP-Adapter on FLUX.1-dev
     "flux-kontext": dict(scale=1.0, start=0.0, steps=28, guidance=2.5),  # FLUX.1 Kontext [dev]
     "flux-redux": dict(scale=1.0, start=0.0, steps=28, guidance=2.5),  # FLUX.1 Redux [dev] on FLUX.1-dev
+    # Several references in one sequence (ALGORITHM.md section 6): reference strength c = 1, window [0, 1]
+    "flux2-klein": dict(scale=1.0, start=0.0, steps=4, guidance=1.0),  # FLUX.2 [klein] 4B: step-distilled, no CFG
+    "flux2-dev": dict(scale=1.0, start=0.0, steps=50, guidance=4.0),  # FLUX.2 [dev]: guidance-distilled
+    "qwen-edit": dict(scale=1.0, start=0.0, steps=40, guidance=4.0),  # Qwen-Image-Edit-2509: true CFG 4
 }
+# The profiles whose pipelines take several references, each with its own concept or none (a global one).
+MULTI_REFERENCE = ("flux2-klein", "flux2-dev", "qwen-edit")
+QWEN_NEGATIVE_PROMPT = " "  # Qwen-Image-Edit's examples: true CFG with a blank negative prompt
 PROFILE_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "OminiControl", "flux-ip": "XLabs' IP-Adapter",
-                 "flux-kontext": "FLUX.1 Kontext", "flux-redux": "FLUX.1 Redux"}
+                 "flux-kontext": "FLUX.1 Kontext", "flux-redux": "FLUX.1 Redux", "flux2-klein": "FLUX.2 [klein]",
+                 "flux2-dev": "FLUX.2 [dev]", "qwen-edit": "Qwen-Image-Edit-Plus"}
 # The offline models with random weights (demo, tests): name -> the profile it runs; `tiny` is tiny-sd15.
 TINY_MODELS = {"tiny-sd15": "sd15", "tiny-flux": "flux", "tiny-flux-ip": "flux-ip", "tiny-flux-kontext": "flux-kontext",
-               "tiny-flux-redux": "flux-redux"}
+               "tiny-flux-redux": "flux-redux", "tiny-flux2": "flux2-klein", "tiny-qwen-edit": "qwen-edit"}
 TINY_ALIASES = {"tiny": "tiny-sd15"}
 FLUX_CONDITION_SIZE = 512  # the subject_512 LoRA's resolution
 MAX_SEED = 2**63 - 1
@@ -70,8 +78,14 @@ def resolve_concept_layer(value: str | None, flag: str = "--concept-layer") -> t
     return str(best), str(architecture)
 
 
+GLOBAL_CONCEPT = "-"  # on the command line: this reference has no concept and stays global (FLUX.2, Qwen-Image-Edit)
+
+
 def parse_concept(value: object) -> object:
-    """`dog@2` is the second whole-word 'dog' of the prompt (Concept('dog', occurrence=1)); other values stay."""
+    """`dog@2` is the second whole-word 'dog' of the prompt (Concept('dog', occurrence=1)); `-` is None (a reference
+    that stays global); other values stay."""
+    if value is None or value == GLOBAL_CONCEPT:
+        return None
     match = re.fullmatch(r"(.*\S)\s*@\s*(\d+)", value) if isinstance(value, str) else None
     if match is None:
         return value
@@ -157,7 +171,7 @@ class GenerateSettings:
 
     prompt: str
     concept: tuple  # one concept per reference image: a word or phrase, or a Concept for a repeat
-    image: tuple[Path, ...]  # reference image files
+    image: tuple[Path, ...]  # reference image files (one concept each: a word, or None for a global reference)
     model: str = "sd15"  # preset (sd15, sdxl, flux, flux-dev), hub id or local folder
     adapter: str | None = None  # adapter variant (loading.ADAPTERS); None = plus (IP-Adapter) or subject (FLUX)
     adapter_repo: str | None = None  # hub id or local copy of h94/IP-Adapter or Yuanshi/OminiControl
@@ -192,6 +206,8 @@ class GenerateSettings:
             layer, architecture = resolve_concept_layer(self.concept_layer)
             object.__setattr__(self, "concept_layer", layer)
             object.__setattr__(self, "concept_layer_architecture", architecture)
+        if self.concept and all(concept is None for concept in self.concept):
+            raise ConceptrolError("every --concept is '-' (global): give at least one reference a word of the prompt")
         for concept in self.concept:
             if isinstance(concept, str) and not re.search(r"\w", concept):
                 raise ConceptrolError(f"concept {concept!r} has no word in it; pass the prompt's word for the subject")
@@ -226,12 +242,12 @@ class GenerateSettings:
 def resolved_values(settings: GenerateSettings, profile: str) -> dict[str, Any]:
     """The settings that default per model and adapter (settings.PAPER_DEMO), filled in."""
     demo = PAPER_DEMO[profile]
-    flux = profile.startswith("flux")
     pick = lambda value, default: default if value is None else value  # noqa: E731
+    negative = {"sd15": NEGATIVE_PROMPT, "sdxl": NEGATIVE_PROMPT, "qwen-edit": QWEN_NEGATIVE_PROMPT}.get(profile)
     return {"architecture": profile, "scale": pick(settings.scale, demo["scale"]),
             "start": pick(settings.start, demo["start"]), "steps": pick(settings.steps, demo["steps"]),
             "guidance": pick(settings.guidance, demo["guidance"]),
-            "negative_prompt": None if flux else pick(settings.negative_prompt, NEGATIVE_PROMPT),
+            "negative_prompt": None if negative is None else pick(settings.negative_prompt, negative),
             "condition_size": {"flux": pick(settings.condition_size, FLUX_CONDITION_SIZE),
                                "flux-kontext": settings.condition_size}.get(profile)}
 

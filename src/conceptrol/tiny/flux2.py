@@ -12,8 +12,8 @@ from diffusers import (
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinKVPipeline,
-    Flux2Pipeline,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
 )
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -50,13 +50,15 @@ def flux2_vae(seed: int = 0) -> AutoencoderKLFlux2:
                               mid_block_add_attention=False).eval()
 
 
-def tiny_flux2_klein(seed: int = 0, double: int = 8, single: int = 48, kv: bool = False) -> Flux2KleinPipeline:
-    """A tiny Flux2KleinPipeline (Flux2KleinKVPipeline with `kv`), not distilled: CFG with an empty negative prompt."""
+def tiny_flux2_klein(seed: int = 0, double: int = 8, single: int = 48, kv: bool = False,
+                     distilled: bool = False) -> Flux2KleinPipeline:
+    """A tiny Flux2KleinPipeline (Flux2KleinKVPipeline with `kv`), CFG with an empty negative prompt unless
+    `distilled` (as FLUX.2 [klein] 4B, and the KV pipeline, are: no CFG)."""
     tokenizer = chat_tokenizer(QWEN3_TEMPLATE)
     pipeline = Flux2KleinKVPipeline if kv else Flux2KleinPipeline
     return pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux2_vae(seed + 1),
                     text_encoder=qwen3_encoder(len(tokenizer), seed + 2), tokenizer=tokenizer,
-                    transformer=flux2_transformer(seed, double, single), is_distilled=kv)
+                    transformer=flux2_transformer(seed, double, single), is_distilled=kv or distilled)
 
 
 MISTRAL_TEMPLATE = (  # the shape of Mistral Small 3's template: BOS, a system prompt, then instruction turns
