@@ -52,18 +52,20 @@ def check_generation(settings: GenerateSettings, pipe: Any = None) -> Checked:
     """Every check that needs no model weights, in order of cost: the output folder, the reference files, the
     model's configs and tokenizer (the concepts located in the prompt), adapter and layer names, options that do
     not apply, the hub (one quick request), the device."""
-    from .preflight import check_adapter_source, check_settings, info_from_pipeline, info_from_source
+    from .preflight import check_adapter_source, check_references, check_settings, info_from_pipeline, info_from_source
 
     out = check_output_dir(settings.out)
     references = [load_reference_image(path) for path in settings.image]
     if pipe is None and tiny_profile(settings.model):
         pipe = tiny_model(settings)
     if pipe is not None:
-        check_settings(settings, info_from_pipeline(pipe, as_real=tiny_profile(settings.model) is not None),
-                       check_adapter=False)
+        info = info_from_pipeline(pipe, as_real=tiny_profile(settings.model) is not None)
+        check_settings(settings, info, check_adapter=False)
+        check_references(info, settings.adapter, references)
         return Checked(out, references, pipe)
     info = info_from_source(settings.model, need_layers=settings.concept_layer is not None)
     check_settings(settings, info)
+    check_references(info, settings.adapter, references)
     check_adapter_source(info.adapter_family, settings.adapter, settings.adapter_repo)
     from .loading import pick_device
 

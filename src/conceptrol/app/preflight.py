@@ -237,6 +237,16 @@ def _check_options(settings: GenerateSettings, profile: str, info: ModelInfo) ->
         raise ConceptrolError(f"--condition-size sizes OminiControl's and Kontext's reference; {name} sizes it itself")
 
 
+def check_references(info: ModelInfo, adapter: str | None, references: list[Any]) -> None:
+    """What the model's pipeline refuses in a reference image, before weights load (FLUX.2: at least 64 pixels a
+    side, aspect ratios up to 8:1)."""
+    if info.profile(adapter).startswith("flux2"):
+        from ..flux2.handle import check_reference
+
+        for number, image in enumerate(references, start=1):
+            check_reference(number, image)
+
+
 def check_layer(layer: str, layers: tuple[str, ...], flux: bool = False) -> None:
     """`layer` must be one of the model's cross-attention layers (SD) or blocks (FLUX), with suggestions."""
     layer = normalize_layer_name(layer)

@@ -199,7 +199,7 @@ class GenerateSettings:
         if len(self.concept) != len(self.image):
             raise ConceptrolError(
                 f"got {len(self.concept)} concept(s) for {len(self.image)} reference image(s); "
-                "pass one --concept per --image, in the same order"
+                "pass one --concept per --reference (or --image), in the same order"
             )
         object.__setattr__(self, "concept", tuple(parse_concept(concept) for concept in self.concept))
         if self.concept_layer is not None and self.concept_layer.startswith("auto:"):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..app.generate import PAPER_DEMO, GenerateSettings, run_conceptrol
 from ..app.loading import DEFAULT_ADAPTERS, adapter_weights, guess_family, profile_for, resolve_model, resolve_repo
-from ..app.settings import ModelSource
+from ..app.settings import MULTI_REFERENCE, ModelSource
 from ..core.concepts import Concept
 from ..core.errors import ConceptrolError
 from ..core.images import load_reference_image
@@ -52,6 +52,10 @@ PRESET_CHOICES = {
     "flux": ModelChoice("flux", "FLUX.1-schnell + OminiControl subject", "flux", (512, 512)),
     "flux-dev": ModelChoice("flux-dev", "FLUX.1-dev + OminiControl subject", "flux", (512, 512), steps=28),
     "flux-kontext": ModelChoice("flux-kontext", "FLUX.1 Kontext [dev]", "flux-kontext", (1024, 1024)),
+    "flux2-klein": ModelChoice("flux2-klein", "FLUX.2 [klein] 4B (several references)", "flux2-klein", (1024, 1024)),
+    "flux2-dev": ModelChoice("flux2-dev", "FLUX.2 [dev] (several references)", "flux2-dev", (1024, 1024)),
+    "qwen-image-edit-plus": ModelChoice("qwen-image-edit-plus", "Qwen-Image-Edit-2509 (several references)",
+                                        "qwen-edit", (1024, 1024)),
 }
 DEMO_CHOICES = (  # offline, random weights: shows the whole path runs, not image quality
     ModelChoice("tiny-sd15", "tiny random SD 1.5 + IP-Adapter Plus (offline demo)", "sd15", (128, 96), steps=10),
@@ -61,6 +65,10 @@ DEMO_CHOICES = (  # offline, random weights: shows the whole path runs, not imag
     ModelChoice("tiny-flux-kontext", "tiny random FLUX.1 Kontext (offline demo)", "flux-kontext", (128, 96), steps=8,
                 condition_size=32),
     ModelChoice("tiny-flux-redux", "tiny random FLUX.1 + Redux (offline demo)", "flux-redux", (128, 96), steps=8),
+    ModelChoice("tiny-flux2", "tiny random FLUX.2 [klein], several references (offline demo)", "flux2-klein", (96, 64),
+                steps=4),
+    ModelChoice("tiny-qwen-edit", "tiny random Qwen-Image-Edit-Plus, several references (offline demo)", "qwen-edit",
+                (96, 64), steps=4),
 )
 
 
@@ -85,7 +93,7 @@ def model_choice(model: str, adapter: str | None = None) -> ModelChoice:
     base = PRESET_CHOICES.get(model)
     if base is not None and adapter in (None, default):
         return base
-    size = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (512, 512), "flux-kontext": (1024, 1024)}[family]
+    size = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (512, 512)}.get(family, (1024, 1024))
     label = (base.label.split(" + ")[0] if base else model) + (f" + {adapter}" if adapter not in (None, default) else "")
     steps = base.steps if base is not None and base.steps is not None else None
     return ModelChoice(model, label, profile, base.size if base else size, steps, adapter=adapter)
@@ -183,7 +191,7 @@ def compare(pipe: Any, choice: ModelChoice, request: CompareRequest, references:
                           on_step=lambda done, steps: progress((steps + done) / total, "Conceptrol"))
     image = ours.images[0]
     overlays = [(ours.masks.overlay(image, sample=0, concept=j), f"mask of '{label}'")
-                for j, label in enumerate(ours.masks.concepts[0])]
+                for j, label in enumerate(ours.masks.concepts[0]) if request.concepts[j] is not None]
     return Comparison(vanilla.images[0], image, overlays, time.perf_counter() - began)
 
 
@@ -201,9 +209,9 @@ class LocalBackend:
     def __call__(self, request: CompareRequest, progress: Progress) -> Comparison:
         choice = self._choice(request.model)
         references = [load_reference_image(path) for path in request.references]  # bad files fail before loading
-        if choice.architecture.startswith("flux") and len(references) != 1:
-            raise ConceptrolError(f"the FLUX adapters take one reference image, got {len(references)}; "
-                                  "remove the others or pick an SD model")
+        if choice.architecture.startswith("flux") and choice.architecture not in MULTI_REFERENCE and len(references) != 1:
+            raise ConceptrolError(f"the FLUX.1 adapters take one reference image, got {len(references)}; "
+                                  "remove the others, or pick an SD, FLUX.2 or Qwen-Image-Edit model")
         with self._lock:
             pipe = self._pipeline(choice, progress)
             return compare(pipe, choice, request, references, progress)

@@ -30,9 +30,10 @@ from .records import RecordStore, shard
 
 # method -> masking: each adapter as is (the baselines), and Conceptrol on whichever adapter the model carries
 METHODS = {"ip-adapter": "none", "ominicontrol": "none", "xlabs-ip": "none", "kontext": "none", "redux": "none",
-           "conceptrol": "global"}
+           "flux2": "none", "qwen-edit": "none", "conceptrol": "global"}
 BASELINES = {"sd15": "ip-adapter", "sdxl": "ip-adapter", "flux": "ominicontrol", "flux-ip": "xlabs-ip",
-             "flux-kontext": "kontext", "flux-redux": "redux"}  # profile -> its baseline method
+             "flux-kontext": "kontext", "flux-redux": "redux", "flux2-klein": "flux2", "flux2-dev": "flux2",
+             "qwen-edit": "qwen-edit"}  # profile -> its baseline method (the stock pipeline)
 
 
 @dataclass(frozen=True)

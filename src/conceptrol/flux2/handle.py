@@ -52,7 +52,7 @@ class Flux2Handle(ReferenceHandle):
                 raise ConceptrolError(f"{name} must be a positive number of pixels, got {value!r}")
         image = kwargs["image"]
         for number, reference in enumerate(image if isinstance(image, (list, tuple)) else [image], start=1):
-            _check_reference(number, reference)
+            check_reference(number, reference)
 
     def _locate(self, kwargs: dict) -> Any:
         length = int(kwargs.get("max_sequence_length") or MAX_TEXT_TOKENS)
@@ -84,7 +84,7 @@ class Flux2Handle(ReferenceHandle):
                                tuple(slice(num_text + start, num_text + start + count) for _, start, count in references))
 
 
-def _check_reference(number: int, image: Any) -> None:
+def check_reference(number: int, image: Any) -> None:
     """What FLUX.2's image processor accepts (Flux2ImageProcessor.check_image_input), said before any step."""
     if not isinstance(image, Image.Image):
         raise ConceptrolError(f"reference {number} must be a PIL image (FLUX.2 takes no tensors or paths here), got "
