@@ -145,3 +145,44 @@ def test_a_model_folder_in_the_diffusers_layout_is_checked_before_its_weights_lo
                     "--out", str(tmp_path / "b"))
     assert code == 0, err
     assert json.loads((tmp_path / "b" / "global-seed0-0.json").read_text())["concept_layer"] == "transformer_blocks.0"
+
+
+def test_the_block_analysis_reads_flux2_and_its_best_block_drives_generate(tmp_path, refs, capsys):
+    from PIL import ImageDraw
+
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+    mask.save(tmp_path / "mask.png")
+    code, err = cli(capsys, "analyze", "--model", "tiny-flux2", "--prompt", "a dog on a beach", "--concept", "dog",
+                    "--mask", str(tmp_path / "mask.png"), "--steps", "1", "--size", "64x64", "--out",
+                    str(tmp_path / "analysis"))
+    assert code == 0, err
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert analysis["architecture"] == "flux2" and len(analysis["layers"]) == 8 + 48
+    assert analysis["layers"][:2] == ["transformer_blocks.0", "transformer_blocks.1"]
+    dog, hat = refs
+    code, err = cli(capsys, "generate", "--model", "tiny-flux2", "--prompt", PROMPT, "--reference", str(dog),
+                    "--concept", "dog", "--size", "64x64", "--steps", "1", "--concept-layer",
+                    f"auto:{tmp_path / 'analysis'}", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "global-seed0-0.json").read_text())["concept_layer"] == analysis["best"]
+
+
+def test_recording_leaves_the_stock_image_as_it_is():
+    import numpy as np
+    import torch
+
+    from conceptrol.analysis import analyze_blocks
+    from conceptrol.tiny.flux2 import tiny_flux2_klein
+
+    pipe = tiny_flux2_klein(double=2, single=2)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=2.0, max_sequence_length=64)
+    mask = np.zeros((32, 32))
+    mask[8:24, 8:24] = 1
+    analysis = analyze_blocks(pipe, "a dog on a beach", "dog", mask, seed=3, **kwargs)
+    stock = pipe(prompt="a dog on a beach", generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    assert np.array_equal(np.asarray(analysis.cases[0].image), np.asarray(stock))
+    assert analysis.layers == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                               "single_transformer_blocks.1"]
+    assert analysis.maps["transformer_blocks.0"][0].shape == (2, 8, 8)  # [steps, rows, cols] of the first case

@@ -16,7 +16,7 @@ from ..core.errors import ConceptrolError
 from .settings import check_number, check_seed, check_steps, parse_concept, tiny_profile
 
 SEGMENTER = "owlv2-sam"
-DEFAULT_STEPS = {"sd15": 50, "sdxl": 50, "flux": 28}  # the stock pipelines' own num_inference_steps
+DEFAULT_STEPS = {"sd15": 50, "sdxl": 50, "flux": 28, "flux2": 50, "qwenimage": 40}  # the pipelines' own steps
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def check_analysis(settings: AnalyzeSettings) -> CheckedAnalysis:
     profile = tiny_profile(settings.model)
     pipe = base_pipeline(settings) if profile else None
     info = info_from_pipeline(pipe, as_real=True) if pipe is not None else info_from_source(settings.model)
-    if info.architecture == "flux" and settings.negative_prompt is not None:
+    if info.architecture in ("flux", "flux2") and settings.negative_prompt is not None:
         raise ConceptrolError("--negative-prompt applies to SD 1.5 / SDXL; leave it out for FLUX")
     check_size(settings.size, info.pixel_multiple)
     _locate_concepts(cases, info)
@@ -182,7 +182,10 @@ def _locate_concepts(cases: list[Any], info: Any) -> None:
     from ..core.concepts import resolve_concepts
 
     for case in cases:
-        resolve_concepts(info.tokenizer, [case.prompt], [case.concept], 1, info.max_length)
+        if info.locate is not None:  # a chat-templated prompt (FLUX.2, Qwen-Image)
+            resolve_concepts(info.tokenizer, [case.prompt], [case.concept], 1, locate=info.locate)
+        else:
+            resolve_concepts(info.tokenizer, [case.prompt], [case.concept], 1, info.max_length)
 
 
 def _check_segmenter(name: str) -> None:
@@ -207,12 +210,13 @@ def base_pipeline(settings: AnalyzeSettings) -> Any:
     profile = tiny_profile(settings.model)
     if profile is None:
         return load_base_pipeline(settings.model, device, dtype)
-    if profile not in ("sd15", "flux"):
+    if profile not in ("sd15", "flux", "flux2-klein"):
         raise ConceptrolError(f"--model {settings.model} is a tiny model with an adapter; the block analysis reads the "
-                              "stock model: use tiny-sd15 or tiny-flux")
+                              "stock model: use tiny-sd15, tiny-flux or tiny-flux2")
     from ..tiny import tiny_flux, tiny_sd15_pipeline
+    from ..tiny.flux2 import tiny_flux2_klein
 
-    pipe = tiny_sd15_pipeline() if profile == "sd15" else tiny_flux()
+    pipe = {"sd15": tiny_sd15_pipeline, "flux": tiny_flux, "flux2-klein": tiny_flux2_klein}[profile]()
     return pipe.to(device, dtype)
 
 
