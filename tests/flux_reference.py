@@ -215,6 +215,7 @@ class FluxReferenceRun:
     reread_blocks: tuple[str, ...] = REREAD_BLOCKS
     t5_tokens: int | None = None  # Redux: the T5 tokens before the reference tokens (the driver builds them)
     ref_tokens: list[int] = field(default_factory=list)  # Redux: tokens of each reference image
+    user_masks: list[Tensor | None] | None = None  # IP: per adapter, the user's mask of each sample on the grid [B, N]
     # per call
     step: int = 0
     total: int = 1
@@ -250,8 +251,8 @@ class ReferenceFluxProcessor:
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb=None, ip_hidden_states=None,
                  ip_adapter_masks=None):
-        if attention_mask is not None or ip_adapter_masks is not None:
-            raise NotImplementedError("the reference takes no attention_mask / ip_adapter_masks")
+        if attention_mask is not None or (ip_adapter_masks is not None and self.run.user_masks is None):
+            raise NotImplementedError("the reference takes no attention_mask, and users' masks as user_masks=")
         q, k, v, ip_query = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         run = self.run
         if run.mode == "ip":
@@ -304,7 +305,8 @@ class ReferenceFluxProcessor:
         return gates
 
     def ip_output(self, attn, ip_query: Tensor, ip_hidden_states: list[Tensor], gates: Tensor | None) -> Tensor:
-        """Σ_a scale_a · M_a[n] · softmax(q k_ip,aᵀ/√d) v_ip,a, q without the rotary embedding (as diffusers)."""
+        """Σ_a scale_a · U_a[n] · M_a[n] · softmax(q k_ip,aᵀ/√d) v_ip,a, q without the rotary embedding (as diffusers);
+        U the user's mask (both passes of true CFG), M the concept mask, each 1 where not given."""
         batch, tokens = ip_query.shape[0], ip_query.shape[1]
         if len(ip_hidden_states) != len(self.run.spans[0]):
             raise ValueError(f"{len(ip_hidden_states)} IP-Adapter(s) but {len(self.run.spans[0])} span(s) per sample")
@@ -316,6 +318,9 @@ class ReferenceFluxProcessor:
             scale = self.ip_scale(a)
             for b in range(batch):
                 gate = torch.ones(tokens, dtype=branch.dtype, device=branch.device) if gates is None else gates[b, a]
+                users = self.run.user_masks
+                if users is not None and users[a] is not None:
+                    gate = gate * users[a][b].to(gate.device, gate.dtype)
                 total[b] = total[b] + scale * (gate[:, None].to(branch.dtype) * branch[b])
         return total
 
@@ -419,14 +424,16 @@ def normalize_spans(spans: list) -> list[list[slice]]:
 
 def run_reference_ip(pipe, spans: list, masking: str = "global", scale: float | None = None, start: float = 0.0,
                      end: float = 1.0, concept_block: str = CONCEPT_BLOCK,
-                     reread_blocks: tuple[str, ...] = REREAD_BLOCKS, **pipe_kwargs) -> FluxReferenceResult:
-    """FluxPipeline with an XLabs IP-Adapter loaded (`pipe.load_ip_adapter`), under section 4a."""
+                     reread_blocks: tuple[str, ...] = REREAD_BLOCKS, user_masks: list | None = None,
+                     **pipe_kwargs) -> FluxReferenceResult:
+    """FluxPipeline with an XLabs IP-Adapter loaded (`pipe.load_ip_adapter`), under section 4a. `user_masks`: per
+    adapter None or the user's mask of every sample already on the latent grid, [B, rows·cols] (the caller resizes)."""
     if masking not in ("global", "local", "none"):
         raise ValueError(f"masking must be global, local or none, not {masking!r}")
     if not any(hasattr(p, "to_k_ip") for p in pipe.transformer.attn_processors.values()):
         raise ValueError("no IP-Adapter on this pipeline: call pipe.load_ip_adapter(...) first")
     run = FluxReferenceRun("ip", normalize_spans(spans), masking, scale=scale, start=start, end=end,
-                           concept_block=concept_block, reread_blocks=tuple(reread_blocks))
+                           concept_block=concept_block, reread_blocks=tuple(reread_blocks), user_masks=user_masks)
     return _drive(pipe, run, pipe, pipe_kwargs)
 
 

@@ -1,6 +1,7 @@
 """Conceptrol for FLUX.1's other reference adapters (ALGORITHM.md section 4), on the stock diffusers pipelines.
 
-- XLabs IP-Adapter: a FluxPipeline after `pipe.load_ip_adapter(...)`; the branch output is gated by M.
+- XLabs IP-Adapter: a FluxPipeline after `pipe.load_ip_adapter(...)`; the branch output is gated by M, and by the
+  user's `ip_adapter_masks` (which diffusers alone ignores).
 - FLUX.1 Kontext: a FluxKontextPipeline; the reference's VAE tokens follow the latent tokens.
 - FLUX.1 Redux: a FluxPipeline with its text encoders, plus a FluxPriorReduxPipeline for the reference's
   SigLIP tokens, appended after the prompt's 512 T5 tokens.
@@ -23,6 +24,7 @@ from ..core.errors import ConceptrolError
 from ..core.masks import ConceptMasks
 from .block_processor import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode
 from .blocks import mask_blocks
+from .ip_masks import check_user_masks
 from .sequence import SequenceLayout, latent_grid
 
 PROCESSOR_SUFFIX = ".attn.processor"
@@ -68,9 +70,10 @@ class FluxAdapterHandle:
             check_bias_backend(list(self._installed.values()), self.name)
         num_references = self._check_call(prompt, kwargs)
         resolved = self._resolve(prompt, concepts, kwargs, num_references)
+        user_masks = self._user_masks(kwargs, len(resolved.spans))
         masking = self.config.masking != "none"
         self.state.call = AdapterCall(spans=resolved.spans if masking else None,
-                                      total_steps=int(kwargs.get("num_inference_steps") or 28))
+                                      total_steps=int(kwargs.get("num_inference_steps") or 28), user_masks=user_masks)
         self.masks, output = None, None
         try:
             output = self._run(prompt, chain_step_callback(kwargs, self._on_step_end))
@@ -107,6 +110,10 @@ class FluxAdapterHandle:
 
     def _run(self, prompt: Any, kwargs: dict) -> Any:
         return self.pipe(prompt=prompt, **kwargs)
+
+    def _user_masks(self, kwargs: dict, num_samples: int) -> list | None:
+        """The users' own `ip_adapter_masks`, checked (the IP-Adapter only; elsewhere they pass through as is)."""
+        return None
 
     def _layout(self, kwargs: dict) -> SequenceLayout:
         raise NotImplementedError
@@ -200,6 +207,11 @@ class XLabsIPAdapterHandle(FluxAdapterHandle):
             raise ConceptrolError(f"got {count} reference image(s) for {adapters} loaded IP-Adapter(s); pass one "
                                   "reference per adapter (a list when several adapters are loaded)")
         return adapters
+
+    def _user_masks(self, kwargs: dict, num_samples: int) -> list | None:
+        """`joint_attention_kwargs={"ip_adapter_masks": ...}`, checked before the first step (flux/ip_masks.py)."""
+        masks = (kwargs.get("joint_attention_kwargs") or {}).get("ip_adapter_masks")
+        return check_user_masks(masks, self.pipe.transformer.encoder_hid_proj.num_ip_adapters, num_samples)
 
     def _layout(self, kwargs: dict) -> SequenceLayout:
         text, image = _joint_sizes(kwargs)

@@ -4,7 +4,8 @@ Each processor wraps the one diffusers put on its block (FluxAttnProcessor, or F
 after `pipe.load_ip_adapter`) and is installed with `set_attn_processor`; its role is fixed by block name
 at install. Two ways a reference acts:
 - "gate" (XLabs IP-Adapter): the double blocks add `scale · IP[n]`; Conceptrol multiplies it by
-  M[n] = r[n] / (max r + 1e-6).
+  M[n] = r[n] / (max r + 1e-6), and by the user's own `ip_adapter_masks` on the latent grid (flux/ip_masks.py),
+  which diffusers' FluxIPAdapterAttnProcessor ignores.
 - "bias" (Kontext, Redux): the reference tokens are in the joint sequence; every block's attention gets
   section 2's additive bias with them as the condition, log Â mean-normalised.
 Attention stays on diffusers' `dispatch_attention_fn` with an additive float mask; explicit probabilities are
@@ -25,6 +26,7 @@ from torch import Tensor
 from ..core.config import ConceptrolConfig, StepWindow
 from ..core.masking import flux_concept_mask, flux_gate_mask, reference_bias, span_weights
 from ..core.wrapping import DelegatesBackend, DelegatesScale
+from .ip_masks import resize_user_masks
 from .sequence import OUTSIDE_WINDOW_SCALE, SequenceLayout
 
 try:  # diffusers' own projection helper (handles fused projections); the plain projections otherwise
@@ -58,6 +60,8 @@ class AdapterCall(StepWindow):
     grid: tuple[int, int] | None = None  # (rows, cols) of the latent tokens
     mask: Tensor | None = None  # the latest read: M [B, J, N] (gate) or Â [B, N] (bias)
     concept_read: Tensor | None = None  # the concept block's read in the running step, recorded when it ends
+    user_masks: list[Tensor | None] | None = None  # IP-Adapter: the users' ip_adapter_masks, [K, H, W] per adapter
+    user_tokens: list[Tensor | None] | None = None  # the same on the latent grid, [K, N] per adapter (`prepare`)
     records: list[Tensor] = field(default_factory=list)  # the concept block's read of every step
     local_masks: dict[str, Tensor] = field(default_factory=dict)  # local masking: each block's M in this step
     _base: dict[tuple, Tensor] = field(default_factory=dict)
@@ -132,6 +136,8 @@ class FluxAdapterState:
         call, layout = self.call, self.call.layout
         if self.masking:
             call.weights(layout.text.stop - layout.text.start, device)
+        if call.user_masks is not None and call.user_tokens is None and call.grid is not None:  # once a call
+            call.user_tokens = resize_user_masks(call.user_masks, call.grid, device)
         if self.biased(layout):
             call.base_bias(layout, self.reference_scale(), self.masking, device)
 
@@ -176,7 +182,9 @@ class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb: Any = None,
-                 ip_hidden_states: list[Tensor] | None = None, ip_adapter_masks: Tensor | None = None) -> Any:
+                 ip_hidden_states: list[Tensor] | None = None, ip_adapter_masks: Any = None) -> Any:
+        # `ip_adapter_masks` arrives here as the user passed it; the handle has checked the same object before the
+        # first step and resized it to the latent grid once per call (`call.user_tokens`), which the branch reads.
         call = self.state.call
         if call is None or not self._changes_anything(call):
             extra = {"ip_hidden_states": ip_hidden_states} if self.gates else {}
@@ -197,7 +205,8 @@ class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
             return state.biased(layout)
         if state.masking:
             return self.reads or self.gates
-        return self.gates and (state.config.scale is not None or not state.active())
+        # a user's ip_adapter_masks: the stock processor would ignore them
+        return self.gates and (state.config.scale is not None or not state.active() or call.user_tokens is not None)
 
     def _bias(self, call: AdapterCall, layout: SequenceLayout, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         state = self.state
@@ -253,12 +262,14 @@ class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
 
     def _ip_branch(self, attn: Any, image_query: Tensor, ip_hidden_states: list[Tensor] | None, mask: Tensor | None,
                    call: AdapterCall) -> Tensor:
-        """Σ_i scale_i · M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i (diffusers' FluxIPAdapterAttnProcessor, gated)."""
+        """Σ_i scale_i · U_i ⊙ M_i ⊙ softmax(Q K_ip,iᵀ/√d) V_ip,i (diffusers' FluxIPAdapterAttnProcessor, gated by
+        the concept mask M and the user's ip_adapter_masks U, each where given; U on both passes of true CFG)."""
         batch, tokens = image_query.shape[:2]
         output = image_query.new_zeros(batch, tokens, attn.heads * attn.head_dim)
         if ip_hidden_states is None or not self.state.active():
             return output  # outside the window the adapter scale is 0
         override = self.state.config.scale
+        users = call.user_tokens or [None] * len(ip_hidden_states)
         for index, (states, scale, to_k, to_v) in enumerate(zip(ip_hidden_states, self.wrapped.scale,
                                                                  self.wrapped.to_k_ip, self.wrapped.to_v_ip)):
             key = to_k(states).view(batch, -1, attn.heads, attn.head_dim)
@@ -270,6 +281,8 @@ class FluxBlockProcessor(DelegatesScale, DelegatesBackend, torch.nn.Module):
             weight = scale if override is None else override
             if mask is not None:  # [B, J, N]: this adapter's concept
                 branch = branch * mask[:, index, :, None].to(branch.dtype)
+            if users[index] is not None:  # [K, N], K = 1 (broadcast over the samples) or B (one per sample)
+                branch = branch * users[index][:, :, None].to(branch.dtype)
             output = output + weight * branch
         return output
 
