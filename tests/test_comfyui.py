@@ -293,7 +293,7 @@ def test_sdxl_clip_tokenizations_agree_and_the_node_finds_the_concept_in_them(sd
     long_prompt = "word " * 80 + "and a dog"  # the second 77-token chunk, in both tokenizations
     assert find_token_spans(sdxl.clip, long_prompt, ["dog"]) == [slice(77 + 1 + 5 + 2, 77 + 1 + 5 + 3)]
     assert env.encode(sdxl.clip, long_prompt)[0][0].shape == (1, 154, 2048)
-    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*dog</w>"):
+    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*its words are 'a', 'photo'"):
         conceptrol(sdxl.adapted, sdxl.clip, "cat")
 
 
@@ -335,9 +335,14 @@ def test_concepts_are_found_with_comfyui_tokenization(adapted, clip):
     assert env.encode(clip, long_prompt)[0][0].shape[1] == 154
 
 
-def test_concept_not_in_prompt_says_so(adapted, clip):
-    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*dog</w>"):
+def test_concept_not_in_prompt_says_so_with_the_prompts_words(adapted, clip):
+    with pytest.raises(ConceptNotFoundError) as error:
         conceptrol(adapted, clip, "cat")
+    assert "concept 'cat' is not in the prompt" in str(error.value) and "</w>" not in str(error.value)
+    assert "its words are 'a', 'photo', 'of', 'dog', 'on', 'beach';" in str(error.value)  # each once, in order
+    with pytest.raises(ConceptNotFoundError) as error:  # a word CLIP splits into pieces is shown whole
+        conceptrol(adapted, clip, "cat", "a corgidoodle on a skateboard")
+    assert "its words are 'a', 'corgidoodle', 'on', 'skateboard';" in str(error.value)
     with pytest.raises(ConceptNotFoundError, match=r"did you mean 'dog'"):
         conceptrol(adapted, clip, "dgo")
     with pytest.raises(ConceptrolError, match="2 concept.*1 IPAdapter"):
