@@ -201,6 +201,23 @@ def test_mask_node_previews_the_last_read_at_image_size(adapted, clip, conds):
         ConceptrolMask().mask(model, samples, 1)
 
 
+def test_mask_node_shows_the_run_that_made_its_latent_not_the_latest_run(adapted, clip, conds):
+    """ComfyUI's cache can hand the mask node a LATENT from an earlier run of the same Conceptrol output (its concept
+    index changed, --cache-lru, a second sampler node): the mask is that run's, not the last one's."""
+    model = conceptrol(adapted, clip)
+    first = {"samples": env.ksample(model, *conds, seed=0, steps=2)}
+    first_read = model.attachments["conceptrol"].last_records[-1]
+    second = {"samples": env.ksample(model, *conds, seed=1, steps=2)}
+    second_read = model.attachments["conceptrol"].last_records[-1]
+    assert not torch.equal(first_read, second_read)
+    assert torch.equal(ConceptrolMask().mask(model, first, 0)[0][:, ::32, ::32], first_read[:, 0])
+    assert torch.equal(ConceptrolMask().mask(model, second, 0)[0][:, ::32, ::32], second_read[:, 0])
+    with pytest.raises(ConceptrolError, match="not made by sampling this Conceptrol node's MODEL"):
+        ConceptrolMask().mask(model, {"samples": first["samples"] * 2}, 0)  # e.g. changed by another node
+    with pytest.raises(ConceptrolError, match="no concept mask recorded yet"):
+        ConceptrolMask().mask(conceptrol(adapted, clip), first, 0)
+
+
 def test_split_batches_read_from_cond_and_reuse_it_for_uncond(adapted, clip, conds, comfy, monkeypatch):
     monkeypatch.setattr(adapted.model, "memory_required", lambda *args, **kwargs: math.inf)  # one chunk a batch
     model = conceptrol(adapted, clip)
