@@ -74,7 +74,7 @@ def _not_found_message(clip: Any, prompt: str, concept: str, chunks: list) -> st
 
 def _prompt_words(clip: Any, chunks: list) -> list[str]:
     """The prompt's words as CLIP's tokenizer split them (BPE pieces joined back into words: 'dog', not 'dog</w>'),
-    each once, in order; [] if the tokenizer cannot say."""
+    each once, in order, without punctuation; [] if the tokenizer cannot say."""
     try:
         pairs = clip.tokenizer.untokenize([token for chunk in chunks for token in chunk])
     except Exception:  # a tokenizer without ComfyUI's untokenize: the message goes without the list
@@ -87,4 +87,5 @@ def _prompt_words(clip: Any, chunks: list) -> list[str]:
         if piece.endswith(WORD_END):
             words.append(piece.removesuffix(WORD_END))
             piece = ""
-    return list(dict.fromkeys(words + ([piece] if piece else [])))
+    words += [piece] if piece else []
+    return list(dict.fromkeys(word for word in words if any(c.isalnum() for c in word)))  # no punctuation
