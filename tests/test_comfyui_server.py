@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -77,15 +78,17 @@ def reference_images() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def comfyui(tmp_path_factory) -> Path:
-    """A temporary ComfyUI folder: ComfyUI's code, the pack installed as a user installs it, the tiny files."""
+def comfyui(tmp_path_factory):
+    """A temporary ComfyUI folder: ComfyUI's code, the pack installed as a user installs it, the tiny files (removed
+    afterwards: the checkpoint alone is 474 MB, and pytest keeps its last three temporary folders)."""
     root = copy_comfyui(env.comfy_root(), tmp_path_factory.mktemp("comfyui") / "ComfyUI")
     script = Path(sys.executable).with_name("conceptrol")  # the console script pip installed
     installed = subprocess.run([str(script), "comfyui", "install", str(root)], capture_output=True, text=True,
                                timeout=120)
     assert installed.returncode == 0 and "installed the Conceptrol nodes" in installed.stdout, installed
     comfyui_files.write_tiny_files(root, reference_images())
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
