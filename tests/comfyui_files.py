@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -69,14 +70,14 @@ def kaiming_fill(module: torch.nn.Module, seed: int, gains: dict[str, float] | N
 def checkpoint_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """An SD 1.5 checkpoint's tensors (U-Net, CLIP-L text encoder, TAESD) as ComfyUI's CheckpointSave lays them out."""
     comfy = env.load_comfyui().comfy
-    import comfy.taesd.taesd
+    taesd = importlib.import_module("comfy.taesd.taesd")
 
     config = comfy.supported_models.SD15(dict(CHECKPOINT_UNET))
     model = config.get_model({})
     kaiming_fill(model.diffusion_model, seed, gains={"attn2.to_q": 4.0, "attn2.to_k": 4.0})
     text = comfy.sd1_clip.SD1ClipModel(dtype=torch.float32)
     kaiming_fill(text, seed + 1)
-    vae = comfy.taesd.taesd.TAESD()
+    vae = taesd.TAESD()
     kaiming_fill(vae, seed + 2, gains={"taesd_decoder.19": 3.0})  # its last conv: pictures around mid-grey, few
     vae.taesd_decoder[-1].bias.data.fill_(0.5)  # pixels clipped at 0 or 1
     return model.state_dict_for_saving(text.state_dict(), vae.state_dict())
@@ -93,16 +94,19 @@ def ipadapter_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     embed = CLIP_VISION_CONFIG["projection_dim"]
     tensors = {"image_proj.proj.weight": rand(ADAPTER_TOKENS * TEXT_WIDTH, embed, scale=1 / math.sqrt(embed)),
                "image_proj.proj.bias": rand(ADAPTER_TOKENS * TEXT_WIDTH, scale=0.02),
-               "image_proj.norm.weight": 1 + rand(TEXT_WIDTH, scale=0.02), "image_proj.norm.bias": rand(TEXT_WIDTH, scale=0.02)}
+               "image_proj.norm.weight": 1 + rand(TEXT_WIDTH, scale=0.02),
+               "image_proj.norm.bias": rand(TEXT_WIDTH, scale=0.02)}
     for number in range(16):
         for name in ("to_k_ip", "to_v_ip"):
-            tensors[f"ip_adapter.{number * 2 + 1}.{name}.weight"] = rand(width, TEXT_WIDTH, scale=1 / math.sqrt(TEXT_WIDTH))
+            tensors[f"ip_adapter.{number * 2 + 1}.{name}.weight"] = rand(width, TEXT_WIDTH,
+                                                                         scale=1 / math.sqrt(TEXT_WIDTH))
     return tensors
 
 
 def clip_vision_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     comfy = env.load_comfyui().comfy
-    model = comfy.clip_model.CLIPVisionModelProjection(CLIP_VISION_CONFIG, torch.float32, "cpu", comfy.ops.disable_weight_init)
+    model = comfy.clip_model.CLIPVisionModelProjection(CLIP_VISION_CONFIG, torch.float32, "cpu",
+                                                       comfy.ops.disable_weight_init)
     kaiming_fill(model, seed)
     return model.state_dict()
 

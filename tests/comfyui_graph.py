@@ -20,7 +20,7 @@ OUTPUT_NODES = {"SaveImage", "PreviewImage"}
 
 
 def node_classes() -> dict[str, type]:
-    """The classes the example workflows use: ComfyUI's core nodes, its String primitives, IPAdapter_plus, Conceptrol."""
+    """The classes the example workflows use: ComfyUI's core nodes and String primitives, IPAdapter_plus, ours."""
     comfy = env.load_comfyui()
     from comfy_extras import nodes_primitive
 

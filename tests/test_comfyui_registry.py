@@ -40,7 +40,10 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if not (Path(p or '.') / 'conceptrol').is_dir()]  # the installed conceptrol
 sys.path.insert(0, {str(TESTS)!r})
 records = []
-logging.getLogger().addHandler(type('H', (logging.Handler,), {{'emit': lambda self, r: records.append(r.getMessage())}})())
+class Recorder(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+logging.getLogger().addHandler(Recorder())
 import comfyui_env
 nodes = comfyui_env.load_comfyui().nodes
 loaded = asyncio.run(nodes.load_custom_node({str(pack)!r}))

@@ -49,7 +49,8 @@ def tiny(prompt: dict, seed: int | None = None) -> dict:
     text encoder (695 M parameters); the SDXL path itself is tested in library mode (tests/test_comfyui.py).
     """
     prompt = copy.deepcopy(prompt)
-    files = {"CheckpointLoaderSimple": ("ckpt_name", FILES.checkpoint), "CLIPVisionLoader": ("clip_name", FILES.clip_vision),
+    files = {"CheckpointLoaderSimple": ("ckpt_name", FILES.checkpoint),
+             "CLIPVisionLoader": ("clip_name", FILES.clip_vision),
              "IPAdapterModelLoader": ("ipadapter_file", FILES.ipadapter)}
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
@@ -128,9 +129,10 @@ def test_the_server_lists_both_nodes_with_their_inputs(server):
     assert (conceptrol["display_name"], mask["display_name"]) == ("Conceptrol", "Conceptrol Mask")
     assert conceptrol["category"] == mask["category"] == "conceptrol"
     assert conceptrol["python_module"] == mask["python_module"] == "custom_nodes.ComfyUI-Conceptrol"
-    assert conceptrol["input_order"] == {"required": ["model", "clip", "prompt", "concepts"], "optional": ["masking"]}
+    input_order = conceptrol["input_order"]
+    assert input_order == {"required": ["model", "clip", "prompt", "concepts"], "optional": ["masking"]}
     required = conceptrol["input"]["required"]
-    assert [required[name][0] for name in ("model", "clip", "prompt", "concepts")] == ["MODEL", "CLIP", "STRING", "STRING"]
+    assert [required[name][0] for name in input_order["required"]] == ["MODEL", "CLIP", "STRING", "STRING"]
     assert required["prompt"][1]["multiline"] is True
     assert conceptrol["input"]["optional"]["masking"][0] == ["global", "local"]
     assert conceptrol["input"]["optional"]["masking"][1]["default"] == "global"
@@ -271,7 +273,7 @@ def test_the_examples_are_what_build_py_writes(tmp_path):
     assert sorted(path.name for path in written) == sorted(
         path.name for path in EXAMPLES_DIR.glob("*.json")), "examples/comfyui has files build.py does not write"
     for path in written:
-        assert path.read_text() == (EXAMPLES_DIR / path.name).read_text(), f"run python examples/comfyui/build.py"
+        assert path.read_text() == (EXAMPLES_DIR / path.name).read_text(), "run python examples/comfyui/build.py"
 
 
 # What the page logs without the internet, a user.css or the workflow-templates package; any other error fails.

@@ -20,8 +20,8 @@ class TorchvisionPlaceholder(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        raise RuntimeError(f"torchvision placeholder: the code under test reached torchvision ({self.__name__}.{name}); "
-                           "install a torchvision build that matches torch to run this path")
+        raise RuntimeError(f"torchvision placeholder: the code under test reached torchvision ({self.__name__}."
+                           f"{name}); install a torchvision build that matches torch to run this path")
 
 
 def torchvision_imports() -> bool:

@@ -38,7 +38,8 @@ NODE_TYPES: dict[str, tuple[list, list, list]] = {
                  ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], []),
     "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
-    "ConceptrolMask": ([("model", "MODEL"), ("samples", "LATENT")], [("MASK", "MASK"), ("IMAGE", "IMAGE")], ["concept"]),
+    "ConceptrolMask": ([("model", "MODEL"), ("samples", "LATENT")], [("MASK", "MASK"), ("IMAGE", "IMAGE")],
+                       ["concept"]),
     "PreviewImage": ([("images", "IMAGE")], [], []),
     "Note": ([], [], ["text"]),  # the frontend's own note: in the UI format only
 }
@@ -87,10 +88,10 @@ EXAMPLES = [
             7.5, "SD 1.5, two subjects: two IPAdapters, one concept each, in the order they are applied."),
 ]
 
-HOW_TO = ("{note}\n\nPut your reference photos in ComfyUI's input/ folder (or click 'choose file to upload' on the Load "
-          "Image nodes). Conceptrol comes after the last IPAdapter; its 'concepts' are words of the prompt, one per "
-          "IPAdapter, comma-separated, in the order the IPAdapters are applied ({concepts}). Conceptrol Mask shows "
-          "where each reference acts: the concept mask read in the last step.")
+HOW_TO = ("{note}\n\nPut your reference photos in ComfyUI's input/ folder (or click 'choose file to upload' on the "
+          "Load Image nodes). Conceptrol comes after the last IPAdapter; its 'concepts' are words of the prompt, one "
+          "per IPAdapter, comma-separated, in the order the IPAdapters are applied ({concepts}). Conceptrol Mask "
+          "shows where each reference acts: the concept mask read in the last step.")
 
 
 def graph(example: Example) -> list[Node]:

@@ -34,7 +34,7 @@ def latent_key(samples: Tensor) -> str:
 
 @dataclass(frozen=True)
 class SampledRun:
-    """One finished sampling run: the latent it returned (as latent_key) and the concept layer's read in its last step."""
+    """One finished sampling run: the latent it returned (its latent_key) and the concept layer's last-step read."""
 
     latent: str
     final_mask: Tensor  # [S, J, h, w], fp32 on the CPU
