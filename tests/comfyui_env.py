@@ -9,11 +9,12 @@ once per process, appends ComfyUI's folders to the end of sys.path (its top-leve
 never shadow anything else) and leaves the rest of the suite alone.
 
 torchvision: ComfyUI (comfy.sd) and IPAdapterPlus.py import torchvision at module level, but no torchvision build
-importable next to the CPU torch of this project's test environment exists. When `import torchvision` fails, a
-placeholder `torchvision` (with `transforms` and `transforms.v2`) is put into sys.modules whose every attribute
-access raises RuntimeError("torchvision placeholder: the code under test reached torchvision ..."), so an exercised
-path that really needs torchvision fails loudly instead of silently. The paths tested here (embeds in, no CLIP vision
-model) never touch it.
+importable next to the CPU torch of this project's test environment exists. When `import torchvision` fails, the
+placeholder of tests/torchvision_placeholder.py (`torchvision` with `transforms` and `transforms.v2`) is in sys.modules
+while ComfyUI is imported; its every attribute access raises RuntimeError("torchvision placeholder: the code under
+test reached torchvision ..."), so an exercised path that really needs torchvision fails loudly instead of silently.
+The paths tested here never touch it. The server test starts ComfyUI's main.py with the same placeholder
+(tests/comfyui_launch.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import types
 from pathlib import Path
 
 import torch
+from torchvision_placeholder import placeholder_modules, torchvision_imports
 
 COMFY_ENV = "CONCEPTROL_COMFYUI"
 SKIP_REASON = (
@@ -47,34 +49,13 @@ def comfy_root() -> Path | None:
     return root if (root / "comfy").is_dir() and (root / "custom_nodes" / "ComfyUI_IPAdapter_plus").is_dir() else None
 
 
-class _TorchvisionPlaceholder(types.ModuleType):
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise RuntimeError(f"torchvision placeholder: the code under test reached torchvision ({self.__name__}.{name}); "
-                           "install a torchvision build that matches torch to run this path")
-
-
-PLACEHOLDER_NAMES = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2")
-
-
 def _torchvision_placeholder() -> dict[str, types.ModuleType]:
     """{} when torchvision imports; else the placeholder modules, to be in sys.modules while ComfyUI is imported."""
-    try:
-        import torchvision  # noqa: F401
+    if torchvision_imports():
         return {}
-    except Exception:  # missing, or a build for another torch (e.g. 'operator torchvision::nms does not exist')
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-    # transformers and diffusers decide once (cached) whether torchvision exists: let them see that it does not
-    import diffusers  # noqa: F401
-    from transformers.utils import import_utils
+    import diffusers  # noqa: F401  (diffusers, like transformers, decides once whether torchvision exists)
 
-    import_utils.is_torchvision_available()
-    root, transforms, v2 = (_TorchvisionPlaceholder(name) for name in PLACEHOLDER_NAMES)
-    object.__setattr__(root, "transforms", transforms)
-    object.__setattr__(transforms, "v2", v2)
-    return dict(zip(PLACEHOLDER_NAMES, (root, transforms, v2)))
+    return placeholder_modules()
 
 
 @functools.cache

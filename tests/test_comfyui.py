@@ -201,6 +201,23 @@ def test_mask_node_previews_the_last_read_at_image_size(adapted, clip, conds):
         ConceptrolMask().mask(model, samples, 1)
 
 
+def test_mask_node_shows_the_run_that_made_its_latent_not_the_latest_run(adapted, clip, conds):
+    """ComfyUI's cache can hand the mask node a LATENT from an earlier run of the same Conceptrol output (its concept
+    index changed, --cache-lru, a second sampler node): the mask is that run's, not the last one's."""
+    model = conceptrol(adapted, clip)
+    first = {"samples": env.ksample(model, *conds, seed=0, steps=2)}
+    first_read = model.attachments["conceptrol"].last_records[-1]
+    second = {"samples": env.ksample(model, *conds, seed=1, steps=2)}
+    second_read = model.attachments["conceptrol"].last_records[-1]
+    assert not torch.equal(first_read, second_read)
+    assert torch.equal(ConceptrolMask().mask(model, first, 0)[0][:, ::32, ::32], first_read[:, 0])
+    assert torch.equal(ConceptrolMask().mask(model, second, 0)[0][:, ::32, ::32], second_read[:, 0])
+    with pytest.raises(ConceptrolError, match="not made by sampling this Conceptrol node's MODEL"):
+        ConceptrolMask().mask(model, {"samples": first["samples"] * 2}, 0)  # e.g. changed by another node
+    with pytest.raises(ConceptrolError, match="no concept mask recorded yet"):
+        ConceptrolMask().mask(conceptrol(adapted, clip), first, 0)
+
+
 def test_split_batches_read_from_cond_and_reuse_it_for_uncond(adapted, clip, conds, comfy, monkeypatch):
     monkeypatch.setattr(adapted.model, "memory_required", lambda *args, **kwargs: math.inf)  # one chunk a batch
     model = conceptrol(adapted, clip)
@@ -293,7 +310,7 @@ def test_sdxl_clip_tokenizations_agree_and_the_node_finds_the_concept_in_them(sd
     long_prompt = "word " * 80 + "and a dog"  # the second 77-token chunk, in both tokenizations
     assert find_token_spans(sdxl.clip, long_prompt, ["dog"]) == [slice(77 + 1 + 5 + 2, 77 + 1 + 5 + 3)]
     assert env.encode(sdxl.clip, long_prompt)[0][0].shape == (1, 154, 2048)
-    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*dog</w>"):
+    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*its words are 'a', 'photo'"):
         conceptrol(sdxl.adapted, sdxl.clip, "cat")
 
 
@@ -335,9 +352,14 @@ def test_concepts_are_found_with_comfyui_tokenization(adapted, clip):
     assert env.encode(clip, long_prompt)[0][0].shape[1] == 154
 
 
-def test_concept_not_in_prompt_says_so(adapted, clip):
-    with pytest.raises(ConceptNotFoundError, match=r"concept 'cat' is not in the prompt .*dog</w>"):
+def test_concept_not_in_prompt_says_so_with_the_prompts_words(adapted, clip):
+    with pytest.raises(ConceptNotFoundError) as error:
         conceptrol(adapted, clip, "cat")
+    assert "concept 'cat' is not in the prompt" in str(error.value) and "</w>" not in str(error.value)
+    assert "its words are 'a', 'photo', 'of', 'dog', 'on', 'beach';" in str(error.value)  # each once, in order
+    with pytest.raises(ConceptNotFoundError) as error:  # a word CLIP splits into pieces is shown whole
+        conceptrol(adapted, clip, "cat", "a corgidoodle on a skateboard")
+    assert "its words are 'a', 'corgidoodle', 'on', 'skateboard';" in str(error.value)
     with pytest.raises(ConceptNotFoundError, match=r"did you mean 'dog'"):
         conceptrol(adapted, clip, "dgo")
     with pytest.raises(ConceptrolError, match="2 concept.*1 IPAdapter"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..core.errors import ConceptrolError
-from .patch import apply_conceptrol_patch, concept_layer_of, recorded_run
+from .patch import KEPT_RUNS, apply_conceptrol_patch, concept_layer_of, recorded_run
 from .tokens import find_token_spans, split_concepts
 
 LATENT_SCALE = 8  # pixels per latent position (SD 1.5 and SDXL VAEs)
@@ -45,10 +45,11 @@ class Conceptrol:
 
 
 class ConceptrolMask:
-    """The concept mask the last sampling run read at the concept layer, as a MASK and an IMAGE to preview."""
+    """The concept mask that made a LATENT: read at the concept layer in the last step of the run that sampled it."""
 
-    DESCRIPTION = ("The mask Conceptrol read for one concept in the last step of the last run. Connect the Conceptrol "
-                   "node's MODEL and the KSampler's LATENT (so it runs after sampling).")
+    DESCRIPTION = ("The mask Conceptrol read for one concept in the last step of the sampling run that produced this "
+                   "LATENT. Connect the Conceptrol node's MODEL and the LATENT of the sampler node that sampled it "
+                   "(KSampler, KSampler Advanced, SamplerCustom's output).")
     RETURN_TYPES = ("MASK", "IMAGE")
     FUNCTION = "mask"
     CATEGORY = "conceptrol"
@@ -58,23 +59,33 @@ class ConceptrolMask:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "the Conceptrol node's output"}),
-                "samples": ("LATENT", {"tooltip": "the KSampler's output: the mask is read while it samples"}),
+                "samples": ("LATENT", {"tooltip": "the sampler's output: the mask is the one read while making it"}),
                 "concept": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "which concept (0 = the first)"}),
             },
         }
 
     def mask(self, model, samples: dict, concept: int = 0) -> tuple:
         run = recorded_run(model)
-        if not run.last_records:
-            raise ConceptrolError("no concept mask recorded yet: sample the Conceptrol node's MODEL with a KSampler "
-                                  "and connect its LATENT here")
         if concept >= len(run.labels):
             raise ConceptrolError(f"concept {concept} does not exist; this Conceptrol node has {len(run.labels)} "
                                   f"concept(s): {', '.join(run.labels)}")
-        height, width = samples["samples"].shape[-2:]
-        final = run.last_records[-1][:, concept : concept + 1]  # [S, 1, h, w]
+        latent = samples["samples"]
+        final = run.final_mask_of(latent)
+        if final is None:
+            raise ConceptrolError(_not_sampled_here(bool(run.finished)))
+        height, width = latent.shape[-2:]
+        final = final[:, concept : concept + 1]  # [S, 1, h, w]
         mask = F.interpolate(final, size=(height * LATENT_SCALE, width * LATENT_SCALE), mode="nearest")[:, 0]
         return mask, mask.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()  # MASK [S, H, W], IMAGE [S, H, W, 3]
+
+
+def _not_sampled_here(sampled_before: bool) -> str:
+    if not sampled_before:
+        return ("no concept mask recorded yet: sample the Conceptrol node's MODEL with a KSampler and connect that "
+                "KSampler's LATENT here")
+    return ("this LATENT was not made by sampling this Conceptrol node's MODEL (or by one of its last "
+            f"{KEPT_RUNS} runs): connect the LATENT output of the sampler node that samples it, directly (not a "
+            "latent changed by other nodes on the way)")
 
 
 NODE_CLASS_MAPPINGS = {"Conceptrol": Conceptrol, "ConceptrolMask": ConceptrolMask}

@@ -8,6 +8,8 @@ replacement here adds each one times its concept's mask. ComfyUI and IPAdapter_p
 
 from __future__ import annotations
 
+import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,22 @@ from ..core.masking import concept_mask, layer_grid, resize_mask, span_weights, 
 SD15_CONCEPT_LAYER = ("output", 3, 0)  # diffusers up_blocks.1.attentions.0.transformer_blocks.0.attn2
 SDXL_CONCEPT_LAYER = ("output", 1, 3)  # diffusers up_blocks.0.attentions.1.transformer_blocks.3.attn2
 COND, UNCOND = 0, 1  # ComfyUI's labels of the chunks of a batch (extra_options["cond_or_uncond"])
+KEPT_RUNS = 16  # finished sampling runs whose final masks a Conceptrol node output keeps (for Conceptrol Mask)
+
+
+def latent_key(samples: Tensor) -> str:
+    """A fingerprint of a sampler's output latent: which sampling run made a LATENT, whatever ComfyUI cached."""
+    values = samples.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.blake2b(values.numpy().tobytes(), digest_size=16).hexdigest()
+    return f"{tuple(values.shape)}:{digest}"
+
+
+@dataclass(frozen=True)
+class SampledRun:
+    """One finished sampling run: the latent it returned (its latent_key) and the concept layer's last-step read."""
+
+    latent: str
+    final_mask: Tensor  # [S, J, h, w], fp32 on the CPU
 
 
 @dataclass
@@ -28,6 +46,11 @@ class ConceptrolRun:
 
     Cloning a ModelPatcher deep-copies its model_options, patches included; the run is shared, not copied,
     so every clone's patches and the wrapper that resets it see the same one.
+
+    ComfyUI's executor caches node outputs, so one Conceptrol output can be sampled by several runs (other seeds, other
+    sampler nodes) and a Conceptrol Mask node can run long after the sampling its LATENT came from (only its concept
+    index changed, or --cache-lru served that LATENT from an older run). `finished` keeps each run's final read
+    under the latent that run returned, and the mask node looks its LATENT up there instead of taking the latest run.
     """
 
     spans: list[slice]  # token span of each concept, in the order the IPAdapters were applied
@@ -37,6 +60,7 @@ class ConceptrolRun:
     global_mask: Tensor | None = None  # [S, J, h, w], the concept layer's latest read; None before the first
     records: list[Tensor] = field(default_factory=list)  # every read of this sampling run, [S, J, h, w]
     last_records: list[Tensor] = field(default_factory=list)  # the reads of the last finished run, fp32 on the CPU
+    finished: deque[SampledRun] = field(default_factory=lambda: deque(maxlen=KEPT_RUNS))  # newest last
     _weights: dict[tuple, Tensor] = field(default_factory=dict)  # span weights per (rows, text tokens, device)
 
     def __deepcopy__(self, memo: dict) -> ConceptrolRun:
@@ -46,18 +70,29 @@ class ConceptrolRun:
         """A sampling run starts: nothing carries over from the previous one."""
         self.global_mask, self.records = None, []
 
-    def end(self) -> None:
-        """A sampling run ended: its reads move to the CPU once (not one device sync per step)."""
+    def end(self, output: Tensor | None = None) -> None:
+        """A sampling run ended (with its output latent, unless it failed): its reads move to the CPU once (not one
+        device sync per step), and its last read is kept under the latent it produced."""
         self.last_records = [record.float().cpu() for record in self.records]
         self.records, self.global_mask = [], None
+        if output is not None and self.last_records:
+            self.finished.append(SampledRun(latent_key(output), self.last_records[-1]))
 
     def around_sampling(self, executor, *args, **kwargs):
         """ComfyUI OUTER_SAMPLE wrapper: a fresh state for every sampling run (KSampler, SamplerCustom, ...)."""
         self.begin()
         try:
-            return executor(*args, **kwargs)
-        finally:
+            output = executor(*args, **kwargs)
+        except BaseException:
             self.end()
+            raise
+        self.end(output)  # what the sampler node returns as LATENT["samples"] (moved to ComfyUI's intermediate device)
+        return output
+
+    def final_mask_of(self, samples: Tensor) -> Tensor | None:
+        """The last-step read of the run that produced `samples` ([S, J, h, w]), or None if none kept did."""
+        key = latent_key(samples)
+        return next((run.final_mask for run in reversed(self.finished) if run.latent == key), None)
 
     def layer_masks(self, query: Tensor, key: Tensor, extra_options: dict, needed: bool) -> Tensor | None:
         """Each row's mask per concept at this layer, [R, J, N, 1]; None when no adapter acts here (or none is known)."""

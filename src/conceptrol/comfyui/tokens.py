@@ -10,7 +10,10 @@ import difflib
 import re
 from typing import Any
 
+from ..core.concepts import shorten_middle
 from ..core.errors import ConceptNotFoundError, ConceptrolError
+
+WORD_END = "</w>"  # CLIP's BPE marks the last piece of every word with it
 
 
 def split_concepts(text: str) -> list[str]:
@@ -60,19 +63,29 @@ def _token_id(token: Any) -> Any:
 
 
 def _not_found_message(clip: Any, prompt: str, concept: str, chunks: list) -> str:
-    message = f"Conceptrol: concept {concept!r} is not in the prompt {prompt!r}"
+    message = f"Conceptrol: concept {concept!r} is not in the prompt {shorten_middle(prompt)!r}"
     words = _prompt_words(clip, chunks)
     if words:
-        message += f"; its tokens are {words}"
-    close = difflib.get_close_matches(concept.lower(), [w.removesuffix('</w>') for w in words], n=1, cutoff=0.6)
+        message += f"; its words are {', '.join(map(repr, words))}"
+    close = difflib.get_close_matches(concept.lower(), words, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else "use a word or phrase that appears in the prompt"
     return f"{message}; {hint} (a phrase split over two 77-token chunks is not found either)"
 
 
 def _prompt_words(clip: Any, chunks: list) -> list[str]:
-    """The prompt's tokens as text, without start, end and padding tokens ([] if the tokenizer cannot say)."""
+    """The prompt's words as CLIP's tokenizer split them (BPE pieces joined back into words: 'dog', not 'dog</w>'),
+    each once, in order, without punctuation; [] if the tokenizer cannot say."""
     try:
         pairs = clip.tokenizer.untokenize([token for chunk in chunks for token in chunk])
     except Exception:  # a tokenizer without ComfyUI's untokenize: the message goes without the list
         return []
-    return [text for _, text in pairs if not (text.startswith("<|") and text.endswith("|>"))]
+    words, piece = [], ""
+    for _, text in pairs:
+        if text.startswith("<|") and text.endswith("|>"):  # start, end and padding tokens
+            continue
+        piece += text
+        if piece.endswith(WORD_END):
+            words.append(piece.removesuffix(WORD_END))
+            piece = ""
+    words += [piece] if piece else []
+    return list(dict.fromkeys(word for word in words if any(c.isalnum() for c in word)))  # no punctuation
