@@ -303,3 +303,15 @@ def test_compiled_transformer_has_no_graph_break():
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert first <= 3 and counter.frame_count == first  # a new prompt, concepts or steps compile nothing new
+
+
+def test_a_flux2_pipeline_conceptrol_does_not_follow_is_refused_and_flux1_is_not_taken_for_flux2(klein):
+    from conceptrol.tiny import tiny_flux
+
+    class Flux2KleinInpaintPipeline:  # the transformer is FLUX.2's, but `image` is the picture to inpaint
+        transformer = klein.transformer
+
+    with pytest.raises(ConceptrolError, match="Flux2KleinInpaintPipeline is not supported; Conceptrol follows FLUX.2"):
+        apply_conceptrol(Flux2KleinInpaintPipeline())
+    with pytest.raises(ConceptrolError, match="this FLUX pipeline has no reference adapter"):  # FLUX.1's own message
+        apply_conceptrol(tiny_flux())
