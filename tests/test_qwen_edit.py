@@ -31,7 +31,7 @@ DROP = 64  # the template tokens the pipelines drop from the front (prompt_templ
 OUTSIDE_WINDOW_C = 0.5
 ATOL = dict(atol=1e-5, rtol=1e-5)  # explicit softmax against SDPA, 60 blocks and 2 steps in fp32
 PROMPT = "a dog wearing a hat"
-LONG_PROMPT = "a photo of a small brown dog sitting on the grass in a park"  # "dog" past a short negative's text
+LONG_PROMPT = "a photo of a small brown dog sitting on the grass in a park"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,8 +272,9 @@ NAIVE_CASES = {  # id: (pipeline, config keywords, concepts, call keywords, naiv
     "two-references": ("plus", {}, ["dog", "hat"], {}, {}),
     "one-reference": ("plus", {}, ["hat"], dict(image=references(1)), {}),
     "a-global-reference": ("plus", {}, [None, "hat"], {}, {}),
-    "true-cfg": ("plus", {}, ["photo", "dog"], dict(prompt=LONG_PROMPT, negative_prompt="blurry", true_cfg_scale=3.0),
-                 {}),
+    # "park" lies past the negative prompt's text and latent tokens: its rows there are no text rows
+    "true-cfg": ("plus", dict(scale=0.5), ["photo", "park"],
+                 dict(prompt=LONG_PROMPT, negative_prompt="blurry", true_cfg_scale=3.0), dict(scale=0.5)),
     "two-images-per-prompt": ("plus", {}, ["dog", "hat"], dict(num_images_per_prompt=2, latents=latents(2)),
                               dict(per_prompt=2)),
     "strength": ("plus", dict(scale=0.5), ["dog"], dict(image=references(1)), dict(scale=0.5)),
