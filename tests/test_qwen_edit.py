@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 from diffusers import QwenImagePipeline
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0, apply_rotary_emb_qwen
 from torch import Tensor
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
@@ -300,13 +300,18 @@ def test_final_latents_match_the_naive_transcription_of_section_6(case, request)
 
 
 @pytest.mark.parametrize("kind", ["plus", "edit"])
-def test_masking_none_is_the_stock_pipeline_bit_for_bit(kind, request):
+def test_masking_none_is_the_stock_pipeline_bit_for_bit(kind, request, monkeypatch):
+    """Nothing changes: the wrapped stock processor runs on every block of every pass."""
     pipe = request.getfixturevalue(kind)
     kwargs = (plus_kwargs if kind == "plus" else edit_kwargs)(prompt=PROMPT, negative_prompt="blurry",
                                                                true_cfg_scale=2.0)
     stock = pipe(**kwargs, output_type="latent").images
+    stock_calls, call_stock = [], QwenDoubleStreamAttnProcessor2_0.__call__
+    monkeypatch.setattr(QwenDoubleStreamAttnProcessor2_0, "__call__",
+                        lambda *args, **kw: stock_calls.append(1) or call_stock(*args, **kw))
     ours, _ = run(pipe, ConceptrolConfig(masking="none"), ["dog", "hat"] if kind == "plus" else ["dog"], **kwargs)
     assert torch.equal(ours, stock)
+    assert len(stock_calls) == 60 * 2 * 2  # blocks, steps, positive and negative passes
 
 
 def test_a_batch_with_padded_prompts_equals_the_prompts_one_by_one(edit):

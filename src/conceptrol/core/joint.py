@@ -75,7 +75,7 @@ class ReferenceCall(StepWindow):
     def keep_text(self, mask: Tensor | None) -> None:
         """The running denoiser call's own text mask [B, T] (None: every text key counts); one device sync."""
         self.text_keep = None if mask is None else mask.to(torch.bool)
-        self.text_keep_key = () if mask is None else (tuple(mask.shape), *self.text_keep.flatten().tolist())
+        self.text_keep_key = () if mask is None else (tuple(mask.shape), bytes(self.text_keep.flatten().tolist()))
 
     def end_step(self, step: int) -> None:
         """Between steps: record the concept block's read and count the next step."""

@@ -19,7 +19,7 @@ from ..core.errors import ConceptrolError
 from ..core.joint import ReferenceLayout
 from ..core.reference_handle import ReferenceHandle
 from .processors import QwenEditProcessor
-from .text import place_from_end, span_from_end, valid_lengths
+from .text import place_from_end, span_from_end, text_tokenizer, valid_lengths
 
 PROCESSOR_SUFFIX = ".attn.processor"
 
@@ -34,7 +34,7 @@ class QwenEditHandle(ReferenceHandle):
         return QwenEditProcessor(stock, self.state, block, block == self.config.concept_layer)
 
     def _tokenizer(self) -> Any:
-        return self.pipe.tokenizer
+        return text_tokenizer(self.pipe)
 
     def _references(self, kwargs: dict) -> int:
         """Edit-Plus: one reference per image; Edit: one (a list of images is one per prompt)."""

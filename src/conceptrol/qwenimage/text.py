@@ -24,6 +24,12 @@ from ..core.errors import ConceptrolError
 PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # Edit-Plus's prefix for reference i (1-based)
 
 
+def text_tokenizer(pipe: Any) -> Any:
+    """The tokenizer that reads the prompt: the processor's (a fast one, with offset mappings; the pipelines' own
+    `tokenizer` is a slow Qwen2Tokenizer under transformers 4, and unused)."""
+    return pipe.processor.tokenizer
+
+
 def templated_prompt(pipe: Any, prompt: str) -> str:
     """The text the pipeline gives its processor for `prompt` with one reference, before the image pad is expanded."""
     picture = PICTURE.format(1) if type(pipe).__name__ == "QwenImageEditPlusPipeline" else ""
@@ -33,7 +39,7 @@ def templated_prompt(pipe: Any, prompt: str) -> str:
 def span_from_end(pipe: Any, prompt: str, concept: str | Concept) -> slice:
     """The concept's tokens counted from the end of the valid text, as a negative slice (`place_from_end` makes it
     absolute once the text's length is known)."""
-    found = find_concept_in_text(pipe.tokenizer, templated_prompt(pipe, prompt), prompt, concept)
+    found = find_concept_in_text(text_tokenizer(pipe), templated_prompt(pipe, prompt), prompt, concept)
     return slice(found.span.start - len(found.ids), found.span.stop - len(found.ids))
 
 
