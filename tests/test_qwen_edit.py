@@ -314,6 +314,22 @@ def test_masking_none_is_the_stock_pipeline_bit_for_bit(kind, request, monkeypat
     assert len(stock_calls) == 60 * 2 * 2  # blocks, steps, positive and negative passes
 
 
+def test_a_user_callback_and_generator_pass_through_as_on_the_stock_pipeline(plus):
+    """The handle follows the steps through callback_on_step_end without taking it from the user."""
+    def halve_at_first_step(pipe, step, timestep, tensors):
+        seen.append((step, sorted(tensors)))
+        return {"latents": tensors["latents"] * 0.5} if step == 0 else {}
+
+    kwargs = plus_kwargs(prompt=PROMPT, latents=None, callback_on_step_end=halve_at_first_step,
+                         callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    seen = []
+    stock = plus(**kwargs, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    ours, _ = run(plus, ConceptrolConfig(masking="none"), ["dog", "hat"], generator=torch.Generator().manual_seed(3),
+                  **kwargs)
+    assert torch.equal(ours, stock)
+    assert seen == [(0, ["latents", "prompt_embeds"]), (1, ["latents", "prompt_embeds"])] * 2
+
+
 def test_a_batch_with_padded_prompts_equals_the_prompts_one_by_one(edit):
     """QwenImageEditPipeline pads the shorter prompt and hides the padding with its text mask: the mask read and the
     bias must leave the padding out, so each sample is what its prompt gives alone."""
@@ -377,6 +393,7 @@ BAD_CALLS = {
     "a word of the template only": (dict(concepts=["dog", "image"]), "concept 'image' not found in prompt"),
     "prompt_embeds without a prompt": (dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 32)), "not prompt_embeds"),
     "no images": (dict(image=None), "pass image=\\[...\\]"),
+    "images that are no PIL images": (dict(image=[torch.zeros(3, 64, 64)] * 2), "as PIL images"),
 }
 
 
