@@ -44,6 +44,7 @@ class ReferenceCall(StepWindow):
     """
 
     spans: list[list[slice | None]] | None  # [sample][reference]; None: masking off (the plain reference strength)
+    concepts: tuple[int, ...] = field(init=False)  # the references that have a concept (the others are never masked)
     passes: int = 0  # denoiser calls in this step: the first is the positive pass, a second the negative
     negative: bool = False  # the running call is a CFG negative pass: it reads nothing
     layout: ReferenceLayout | None = None
@@ -57,10 +58,9 @@ class ReferenceCall(StepWindow):
     _base: dict[tuple, Tensor] = field(default_factory=dict)
     _bias: dict[tuple, Tensor] = field(default_factory=dict)
 
-    @property
-    def concepts(self) -> list[int]:
-        """The references that have a concept (the others are never masked)."""
-        return [i for i, span in enumerate(self.spans[0]) if span is not None] if self.spans else []
+    def __post_init__(self) -> None:
+        # read by the processors instead of the spans: a compiled denoiser guards on these few ints, not on the spans
+        self.concepts = tuple(i for i, span in enumerate(self.spans[0]) if span is not None) if self.spans else ()
 
     def weights(self, num_text: int, device: torch.device) -> Tensor:
         """[B, R, T] span-averaging weights (zeros for references without a concept), built once per call."""
@@ -160,5 +160,5 @@ class ReferenceState:
         r = text_share(latent_query, text_key, weights, call.text_keep)  # [B, R, N]
         ones = torch.ones_like(r)
         concept = torch.zeros(r.shape[1], dtype=torch.bool, device=r.device)
-        concept[call.concepts] = True
+        concept[list(call.concepts)] = True
         call.store(torch.where(concept[None, :, None], r / r.mean(dim=-1, keepdim=True), ones))

@@ -43,11 +43,12 @@ def span_from_end(pipe: Any, prompt: str, concept: str | Concept) -> slice:
     return slice(found.span.start - len(found.ids), found.span.stop - len(found.ids))
 
 
-def place_from_end(span: slice, valid: int, label: str = "") -> slice:
+def place_from_end(span: slice, valid: int) -> slice:
     """A negative span among `valid` text keys (a sample's unmasked text length): its absolute positions."""
     if valid + span.start < 0:
-        raise ConceptrolError(f"concept {label!r} falls in the template part of the text the pipeline drops; pass a "
-                              "word of your own prompt")
+        raise ConceptrolError(f"a concept sits {-span.start} tokens before the end of the prompt's text, but the model "
+                              f"reads only its last {valid} (the pipeline drops the template before them); pass a word "
+                              "of your own prompt")
     return slice(valid + span.start, valid + span.stop)
 
 
