@@ -232,13 +232,13 @@ def references(count: int = 2) -> list:
     return [tiny_reference_image(0, 64), tiny_reference_image(1, 48).resize((48, 64))][:count]
 
 
-def latents(batch: int = 1, seed: int = 0, tokens: int = 24) -> Tensor:
+def latents(batch: int = 1) -> Tensor:
     """Packed starting latents of a 768 x 512 image: 6 x 4 tokens of 16 channels."""
-    return torch.randn(batch, tokens, 16, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 24, 16, generator=torch.Generator().manual_seed(0))
 
 
-def plus_kwargs(count: int = 2, **extra) -> dict:
-    kwargs = dict(image=references(count), height=768, width=512, num_inference_steps=2, latents=latents())
+def plus_kwargs(**extra) -> dict:
+    kwargs = dict(image=references(2), height=768, width=512, num_inference_steps=2, latents=latents())
     return kwargs | extra
 
 

@@ -1,13 +1,16 @@
 """Tiny Qwen-Image-Edit pipelines (the real 60 dual-stream blocks at tiny width), seeded and offline.
 
 A Qwen2.5-VL text encoder with a tiny vision tower behind a byte-level tokenizer that spells the pipeline's system
-prompt as Qwen's tokenizer does (one token per word: the 64 tokens the pipeline drops are exactly the system turn),
+prompt as Qwen's tokenizer does (one token per word: the 64 tokens the pipeline drops are the system turn and the
+user turn's header, as with the real one),
 a Qwen2-VL processor built from them, a Qwen-Image VAE that downsamples 64 times (the pipeline resizes every reference
 to about 1024 x 1024 pixels: 8 x 8 packed tokens here) and a Qwen-Image transformer of 60 blocks with 2 heads of 16
-channels: a 2-step call with two references runs in about a second on the CPU.
+channels: a 2-step call with two references runs in one to two seconds on one CPU core.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffusers import (
@@ -43,11 +46,12 @@ LATENT_CHANNELS = 4
 class TinyQwenVLProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without its video processor (which needs torchvision); images and text as the real one."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:  # noqa: ANN001
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-def qwen_tokenizer():
+def qwen_tokenizer() -> Any:
     """A byte-level BPE tokenizer with Qwen's special tokens whose merges spell each word of the system turn whole
     (a fast tokenizer, so it has offset mappings, as the real one does)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -82,13 +86,13 @@ def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
     return pieces
 
 
-def qwen_processor(tokenizer) -> TinyQwenVLProcessor:  # noqa: ANN001
+def qwen_processor(tokenizer: Any) -> TinyQwenVLProcessor:
     image_processor = Qwen2VLImageProcessor(patch_size=VISION_PATCH, merge_size=2, temporal_patch_size=2,
                                             min_pixels=(2 * VISION_PATCH) ** 2, max_pixels=VISION_PIXELS)
     return TinyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def qwen_vl_encoder(tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:  # noqa: ANN001
+def qwen_vl_encoder(tokenizer: Any, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     """Qwen2.5-VL: 2 text layers of width 32 (multimodal RoPE), a 2-layer vision tower."""
     ids = dict(zip(("image", "start", "end", "pad", "eos"), tokenizer.convert_tokens_to_ids(
         ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>"])))
@@ -122,6 +126,7 @@ def qwen_transformer(seed: int = 0, layers: int = 60) -> QwenImageTransformer2DM
 
 
 def qwen_edit_components(seed: int = 0, layers: int = 60) -> dict:
+    """The components both Edit pipelines take (QwenImagePipeline takes them without the processor)."""
     tokenizer = qwen_tokenizer()
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=qwen_vae(seed + 1),
                 text_encoder=qwen_vl_encoder(tokenizer, seed + 2), tokenizer=tokenizer,
