@@ -1,11 +1,11 @@
 """Tiny Qwen-Image-Edit pipelines (the real 60 dual-stream blocks at tiny width), seeded and offline.
 
 A Qwen2.5-VL text encoder with a tiny vision tower behind a byte-level tokenizer that spells the pipeline's system
-prompt as Qwen's tokenizer does (one token per word: the 64 tokens the pipeline drops are the system turn and the
-user turn's header, as with the real one),
-a Qwen2-VL processor built from them, a Qwen-Image VAE that downsamples 64 times (the pipeline resizes every reference
-to about 1024 x 1024 pixels: 8 x 8 packed tokens here) and a Qwen-Image transformer of 60 blocks with 2 heads of 16
-channels: a 2-step call with two references runs in one to two seconds on one CPU core.
+prompt as Qwen's tokenizer does (one token per word: the 64 tokens the pipeline drops are the system turn and the user
+turn's header, as with the real one), a Qwen2-VL processor built from them, a Qwen-Image VAE that downsamples 64 times
+(the pipeline resizes every reference to about 1024 x 1024 pixels: 8 x 8 packed tokens here) and a Qwen-Image
+transformer of 60 blocks with 2 heads of 16 channels: a 2-step call with two references runs in one to two seconds
+on one CPU core.
 """
 
 from __future__ import annotations
