@@ -28,6 +28,7 @@ FAMILIES = (
     Family("flux2"),  # before flux: FLUX.2's transformer has double- and single-stream blocks too
     Family("flux", {"redux": "a FLUX.1 pipeline (FluxPipeline)"}),
     Family("unet"),
+    Family("qwenimage"),  # its transformer's class: no family above takes it (none has a unet or single blocks)
 )
 
 
@@ -36,7 +37,8 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
 
     SD 1.5 / SDXL with an IP-Adapter; FLUX.1 with the OminiControl subject LoRA, with XLabs' IP-Adapter, as a
     FluxKontextPipeline, or with `redux=` a FluxPriorReduxPipeline (then `pipe` is a FluxPipeline with its text
-    encoders); FLUX.2 (Flux2Pipeline, Flux2KleinPipeline, Flux2KleinKVPipeline) with several reference images.
+    encoders); FLUX.2 (Flux2Pipeline, Flux2KleinPipeline, Flux2KleinKVPipeline) and Qwen-Image-Edit
+    (QwenImageEditPlusPipeline, QwenImageEditPipeline) with several reference images.
     """
     keywords = {name: value for name, value in {"redux": redux}.items() if value is not None}
     for family in FAMILIES:
@@ -47,8 +49,8 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
             return module.install(pipe, config or ConceptrolConfig(), **keywords)
     raise ConceptrolError(
         f"{type(pipe).__name__} is not supported; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
-        "with an IP-Adapter, FLUX.1 pipelines with OminiControl, XLabs' IP-Adapter, Kontext or Redux, and FLUX.2 "
-        "pipelines"
+        "with an IP-Adapter, FLUX.1 pipelines with OminiControl, XLabs' IP-Adapter, Kontext or Redux, FLUX.2 "
+        "pipelines and Qwen-Image-Edit pipelines"
     )
 
 

@@ -142,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _analyze_parser(commands: argparse._SubParsersAction) -> None:
     an = commands.add_parser("analyze", help="find a model's concept-specific block: every block's concept map scored "
                                              "against the subject mask (ROC AUC per step; the paper's Figs. 5-6)")
-    an.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, a hub id, a local folder, or tiny-sd15 "
-                    "/ tiny-flux (the stock model: no adapter is loaded) (default: sd15)")
+    an.add_argument("--model", default="sd15", help="sd15, sdxl, flux, flux-dev, flux2-klein, flux2-dev, "
+                    "qwen-image-edit-plus, a hub id, a local folder, or tiny-sd15 / tiny-flux / tiny-flux2 / "
+                    "tiny-qwen-edit (the stock model: no adapter is loaded) (default: sd15)")
+    an.add_argument("--reference", type=Path, action="append", help="an image the model edits, the same for every "
+                    "case (repeat for several): Qwen-Image-Edit needs one, FLUX.2 may take some; SD and FLUX.1 none")
     an.add_argument("--prompt", help="the prompt of the one case (or --cases)")
     an.add_argument("--concept", help="the prompt's word or phrase for the subject (WORD@N: its N-th occurrence)")
     an.add_argument("--mask", type=Path, help="the subject's mask, white on black (any size of the image's shape); "
@@ -153,8 +156,9 @@ def _analyze_parser(commands: argparse._SubParsersAction) -> None:
                     "and optionally mask (relative to the file) and seed")
     an.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's own: 50 on SD, 28 on FLUX)")
     an.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own)")
-    an.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
-    an.add_argument("--negative-prompt", help="SD only (default: none, as the stock pipeline)")
+    an.add_argument("--guidance", type=float, help="guidance scale; Qwen-Image-Edit's true CFG scale, with "
+                    "--negative-prompt (default: the pipeline's own)")
+    an.add_argument("--negative-prompt", help="SD and Qwen-Image-Edit (default: none, as the stock pipeline)")
     an.add_argument("--steps-range", help="rank the blocks on steps a to b-1 only, written a:b (the paper's Fig. 6: 0:10;"
                     " default: all steps)")
     an.add_argument("--segmenter", default="owlv2-sam", choices=["owlv2-sam", "grounding-dino-sam", "clipseg"],

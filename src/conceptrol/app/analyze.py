@@ -25,6 +25,7 @@ class AnalyzeSettings:
 
     out: Path  # the folder analysis.json, the images and the pictures go to (never over earlier files)
     model: str = "sd15"  # preset, hub id, local folder, or tiny-sd15 / tiny-flux
+    reference: tuple[Path, ...] = ()  # the images an editing model edits (Qwen-Image-Edit; FLUX.2 may take them), every case
     prompt: str | None = None  # one case from the flags ...
     concept: str | None = None
     mask: Path | None = None  # None: segment the image (--segmenter)
@@ -33,7 +34,7 @@ class AnalyzeSettings:
     steps: int | None = None  # None: the pipeline's own default
     size: tuple[int, int] | None = None  # (width, height); None: the model's own
     guidance: float | None = None  # None: the pipeline's own
-    negative_prompt: str | None = None  # SD only
+    negative_prompt: str | None = None  # SD and Qwen-Image-Edit
     steps_range: str | None = None  # "a:b": rank on steps a..b-1 (all when None)
     segmenter: str = SEGMENTER  # for cases without a mask
     device: str = "auto"
@@ -51,6 +52,7 @@ class AnalyzeSettings:
         from .settings import ModelSource, check_size
 
         check_size(self.size)
+        object.__setattr__(self, "reference", tuple(self.reference or ()))
         ModelSource(self.model, None, None, self.device, self.dtype)
         steps_range(self.steps_range)  # the syntax; the bounds once the steps are known
 
@@ -89,6 +91,7 @@ class CheckedAnalysis:
     ranked: slice | None
     pipe: Any = None
     needs_segmenter: bool = False
+    references: list[Any] = field(default_factory=list)  # the --reference images, read
     notes: list[str] = field(default_factory=list)
 
 
@@ -163,11 +166,13 @@ def check_analysis(settings: AnalyzeSettings) -> CheckedAnalysis:
     pipe = base_pipeline(settings) if profile else None
     info = info_from_pipeline(pipe, as_real=True) if pipe is not None else info_from_source(settings.model)
     if info.architecture in ("flux", "flux2") and settings.negative_prompt is not None:
-        raise ConceptrolError("--negative-prompt applies to SD 1.5 / SDXL; leave it out for FLUX")
+        raise ConceptrolError("--negative-prompt applies to SD 1.5 / SDXL and Qwen-Image-Edit; leave it out for FLUX")
     check_size(settings.size, info.pixel_multiple)
+    references = _read_references(settings, info)
     _locate_concepts(cases, info)
     steps = settings.steps or DEFAULT_STEPS[info.architecture]
-    checked = CheckedAnalysis(cases, info.architecture, steps, steps_range(settings.steps_range, steps), pipe)
+    checked = CheckedAnalysis(cases, info.architecture, steps, steps_range(settings.steps_range, steps), pipe,
+                              references=references)
     checked.needs_segmenter = any(case.mask is None for case in cases)
     if checked.needs_segmenter:
         _check_segmenter(settings.segmenter)
@@ -175,6 +180,23 @@ def check_analysis(settings: AnalyzeSettings) -> CheckedAnalysis:
 
     pick_device(settings.device)
     return checked
+
+
+def _read_references(settings: AnalyzeSettings, info: Any) -> list[Any]:
+    """The --reference images, read and checked as the model's pipeline would; Qwen-Image-Edit needs one (it edits),
+    FLUX.2 may take some, and the other models none."""
+    from ..core.images import load_reference_image
+    from .preflight import check_references
+
+    if settings.reference and info.architecture not in ("flux2", "qwenimage"):
+        raise ConceptrolError("--reference applies to FLUX.2 and Qwen-Image-Edit (the images they edit); the block "
+                              "analysis of SD and FLUX.1 reads the model alone: leave it out")
+    if not settings.reference and info.architecture == "qwenimage":
+        raise ConceptrolError("Qwen-Image-Edit edits an image: pass --reference IMAGE (repeat for several), the "
+                              "images every case is generated from")
+    references = [load_reference_image(path) for path in settings.reference]
+    check_references(info, None, references)
+    return references
 
 
 def _locate_concepts(cases: list[Any], info: Any) -> None:
@@ -210,13 +232,15 @@ def base_pipeline(settings: AnalyzeSettings) -> Any:
     profile = tiny_profile(settings.model)
     if profile is None:
         return load_base_pipeline(settings.model, device, dtype)
-    if profile not in ("sd15", "flux", "flux2-klein"):
+    if profile not in ("sd15", "flux", "flux2-klein", "qwen-edit"):
         raise ConceptrolError(f"--model {settings.model} is a tiny model with an adapter; the block analysis reads the "
-                              "stock model: use tiny-sd15, tiny-flux or tiny-flux2")
+                              "stock model: use tiny-sd15, tiny-flux, tiny-flux2 or tiny-qwen-edit")
     from ..tiny import tiny_flux, tiny_sd15_pipeline
     from ..tiny.flux2 import tiny_flux2_klein
+    from ..tiny.qwen import tiny_qwen_edit_plus
 
-    pipe = {"sd15": tiny_sd15_pipeline, "flux": tiny_flux, "flux2-klein": tiny_flux2_klein}[profile]()
+    pipe = {"sd15": tiny_sd15_pipeline, "flux": tiny_flux, "flux2-klein": tiny_flux2_klein,
+            "qwen-edit": tiny_qwen_edit_plus}[profile]()
     return pipe.to(device, dtype)
 
 
@@ -229,6 +253,10 @@ def run_analysis(settings: AnalyzeSettings, checked: CheckedAnalysis,
     pipe = checked.pipe if checked.pipe is not None else base_pipeline(settings)
     segmenter = load_segmenter(settings.segmenter, pick_device(settings.device)) if checked.needs_segmenter else None
     kwargs = settings.pipeline_kwargs | {"num_inference_steps": checked.steps}
+    if checked.architecture == "qwenimage" and "guidance_scale" in kwargs:  # Qwen-Image-Edit's CFG is true CFG
+        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+    if checked.references:
+        kwargs["image"] = checked.references
     analysis = analyze_blocks(pipe, cases=checked.cases, steps=checked.ranked, segmenter=segmenter, progress=progress,
                               model=_model_name(settings.model), **kwargs)
     analysis.save(settings.out)

@@ -77,7 +77,7 @@ def run_offline_demo(out: Path, steps: int = 20, seed: int = 0, model: str = "sd
     if model in MULTI_REFERENCE_DEMOS:
         wave = write_new_png(wave_picture(), out / with_suffix("reference-wave.png", suffix))
         references, concepts = (reference, wave), ("dog", "wave")
-    width, height = 96, 64
+    width, height = (768, 512) if model == "qwen-edit" else (96, 64)  # tiny Qwen-Image's VAE is 64x (real: 8x)
     settings = GenerateSettings(
         prompt=DEMO_PROMPT, concept=concepts, image=references, steps=steps, seed=seed, size=(width, height),
         scale=1.0, start=0.0 if model in MULTI_REFERENCE_DEMOS else 0.2, out=out, save_masks=True, device="cpu",

@@ -55,10 +55,11 @@ class ModelInfo:
 
 def info_from_pipeline(pipe: Any, as_real: bool = False) -> ModelInfo:
     """The ModelInfo of a loaded pipeline (its adapter loaded; Redux as ReduxPipelines). `as_real`: a tiny model,
-    checked as the real model it stands for (sizes in multiples of the real VAE's: 8 on SD, 16 on FLUX)."""
+    checked as the real model it stands for (sizes in multiples of the real VAE's: 8 on SD, 16 on the DiTs; or of the
+    tiny model's own where it is coarser, as tiny Qwen-Image's 64x VAE)."""
     info = _info_from_pipeline(pipe)
     real = 16 if info.architecture in ("flux", "flux2", "qwenimage") else 8
-    return replace(info, pixel_multiple=real) if as_real else info
+    return replace(info, pixel_multiple=max(real, info.pixel_multiple)) if as_real else info
 
 
 def _info_from_pipeline(pipe: Any) -> ModelInfo:
@@ -160,7 +161,7 @@ def _multi_reference_source(source: str, index: dict, name: str, flag: str) -> M
     from ..qwenimage.text import locate_in_template as locate_qwen
 
     blocks = tuple(f"transformer_blocks.{i}" for i in range(config.get("num_layers", 60)))
-    locate = lambda prompt, concept: locate_qwen(tokenizer, prompt, concept)  # noqa: E731
+    locate = lambda prompt, concept: locate_qwen(tokenizer, prompt, concept, name)  # noqa: E731
     return ModelInfo("qwenimage", getattr(tokenizer, "tokenizer", tokenizer), 1024, blocks, False, 16, family, None,
                      locate)
 

@@ -44,20 +44,20 @@ class ReferenceCall(StepWindow):
     """
 
     spans: list[list[slice | None]] | None  # [sample][reference]; None: masking off (the plain reference strength)
+    concepts: tuple[int, ...] = field(init=False)  # the references that have a concept (the others are never masked)
+    masking: bool = field(init=False)  # some reference is masked in this call
     passes: int = 0  # denoiser calls in this step: the first is the positive pass, a second the negative
     negative: bool = False  # the running call is a CFG negative pass: it reads nothing
     layout: ReferenceLayout | None = None
     grid: tuple[int, int] | None = None  # (rows, cols) of the latent tokens
-    text_keep: Tensor | None = None  # [B, T] the model's own text mask (Qwen-Image), None: every text key counts
+    text_keep: Tensor | None = None  # [B, T] bool, the model's own text mask (Qwen-Image); None: every text key counts
+    text_keep_key: tuple = ()  # a hashable copy of text_keep, for the bias caches
     masks: Tensor | None = None  # [B, R, N] Â_i of the latest read (ones for references without a concept)
     concept_read: Tensor | None = None  # the running step's read, recorded when the step ends
     records: list[Tensor] = field(default_factory=list)
     _weights: dict[tuple, Tensor] = field(default_factory=dict)
     _base: dict[tuple, Tensor] = field(default_factory=dict)
     _bias: dict[tuple, Tensor] = field(default_factory=dict)
-
-    concepts: tuple[int, ...] = ()  # the references that have a concept (the others are never masked)
-    masking: bool = False  # some reference is masked in this call
 
     def __post_init__(self) -> None:
         # Set once from the spans: processors read these, never the spans (a compiled transformer would guard on them)
@@ -73,6 +73,11 @@ class ReferenceCall(StepWindow):
             weights[:, [i for i in range(weights.shape[1]) if i not in self.concepts]] = 0.0
             self._weights[key] = weights
         return self._weights[key]
+
+    def keep_text(self, mask: Tensor | None) -> None:
+        """The running denoiser call's own text mask [B, T] (None: every text key counts); one device sync."""
+        self.text_keep = None if mask is None else mask.to(torch.bool)
+        self.text_keep_key = () if mask is None else (tuple(mask.shape), bytes(self.text_keep.flatten().tolist()))
 
     def end_step(self, step: int) -> None:
         """Between steps: record the concept block's read and count the next step."""
@@ -118,7 +123,7 @@ class ReferenceState:
         """Before a denoiser call: what its processors read (span weights, the bias without Â), built outside any
         compiled graph so that the graph is not specialised on the spans."""
         call = self.call
-        if self.masking:
+        if self.masking and not call.negative:  # only a positive pass reads (a negative prompt may be shorter)
             call.weights(call.layout.text.stop - call.layout.text.start, device)
         if self.biased():
             self.base_bias(device)
@@ -126,7 +131,7 @@ class ReferenceState:
     def base_bias(self, device: torch.device) -> Tensor:
         """Section 6's table without the log Â terms, fp32 [B, 1, L, L], built once per layout and strength."""
         call, layout, scale = self.call, self.call.layout, self.reference_scale()
-        key = (layout.key, scale, self.masking, device)
+        key = (layout.key, call.text_keep_key, scale, self.masking, device)
         if key not in call._base:
             spans = call.spans if self.masking else None
             call._base[key] = references_bias(layout.length, layout.text, layout.latent, list(layout.references), spans,
@@ -137,7 +142,7 @@ class ReferenceState:
         """The bias of the running call with the current Â, built once until the mask or the layout changes; `rows`
         keeps only those query rows (a sequence whose reference tokens attend apart, as FLUX.2's KV cache)."""
         call, layout = self.call, self.call.layout
-        key = (layout.key, self.reference_scale(), self.masking, device, dtype,
+        key = (layout.key, call.text_keep_key, self.reference_scale(), self.masking, device, dtype,
                None if rows is None else tuple((r.start, r.stop) for r in rows))
         if key not in call._bias:
             bias = self.base_bias(device)

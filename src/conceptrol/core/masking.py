@@ -186,7 +186,9 @@ def references_bias(length: int, text: slice, latent: slice, references: list[sl
             bias[b, :, latent, reference] = log_c
             bias[b, :, reference, latent] = log_c
             bias[b, :, text, reference] = -math.inf
-            bias[b, :, text.start + span.start : text.start + span.stop, reference] = log_c
+            # the span's rows within this text: a shorter one (a negative prompt's) holds what of the span it reaches
+            concept_rows = slice(text.start + span.start, min(text.start + span.stop, text.stop))
+            bias[b, :, concept_rows, reference] = log_c
             if masks is not None:  # [B, R, N]: log Â_i of each latent row on reference i's columns
                 bias[b, 0, latent, reference] += masks[b, i].log().to(bias.device)[:, None]
     if text_keep is not None:
