@@ -25,6 +25,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
@@ -76,7 +77,7 @@ def inputs(model: Flux2Transformer2DModel, side: int, device: str, dtype: torch.
                 img_ids=ids.to(device), txt_ids=text_ids.to(device), return_dict=False)
 
 
-def evaluate(pipe: Flux2Pipeline, kwargs: dict, device: str) -> tuple[float, int]:
+def evaluate(pipe: Any, kwargs: dict, device: str) -> tuple[float, int]:
     with PeakMemory(device) as memory, torch.no_grad():
         wall = time.perf_counter()
         pipe.transformer(**kwargs)
@@ -103,23 +104,37 @@ def main() -> None:
     pipe = make_pipe(model)
     kwargs = inputs(model, args.size // 16, args.device, dtype)
     config = ConceptrolConfig(concept_layer=f"transformer_blocks.{args.double - 1}")
+    result = measure(pipe, config, kwargs, SPANS, STEPS, args.device, args.repeats)
+    side = args.size // 16
+    result["tokens"] = {"text": TEXT_TOKENS, "latent": side * side, "references": [side * side, side * side]}
+    result["setup"] = vars(args) | {"json": str(args.json), "torch": torch.__version__, "width": model.inner_dim,
+                                    "threads": torch.get_num_threads(), "concept_layer": config.concept_layer}
+    report(result, args.json)
+
+
+def measure(pipe: Any, config: ConceptrolConfig, kwargs: dict, spans: list, steps: int, device: str,
+            repeats: int) -> dict:
+    """Stock and Conceptrol transformer evaluations alternated `repeats` times: medians, raw values and ratios.
+    Conceptrol runs at step 1 with step 0's masks carried in (the log Â terms act in every block)."""
 
     def conceptrol(masks: torch.Tensor | None) -> tuple[tuple[float, int], torch.Tensor]:
         handle = apply_conceptrol(pipe, config)
-        handle.state.call = ReferenceCall(spans=SPANS, total_steps=STEPS, step=1 if masks is not None else 0)
+        handle.state.call = ReferenceCall(spans=spans, total_steps=steps, step=1 if masks is not None else 0)
         handle.state.call.masks = masks
         try:
-            result = evaluate(pipe, kwargs, args.device)
+            result = evaluate(pipe, kwargs, device)
             return result, handle.state.call.masks
         finally:
             handle.state.call = None
             handle.remove()
 
-    evaluate(pipe, kwargs, args.device)  # warm-up
-    _, masks = conceptrol(None)  # step 0: reads both masks
-    runs = {"stock": lambda: evaluate(pipe, kwargs, args.device), "conceptrol": lambda: conceptrol(masks)[0]}
+    evaluate(pipe, kwargs, device)  # warm-up
+    _, masks = conceptrol(None)  # step 0: reads the masks
+    if masks is None or masks.shape[1] != len(spans[0]):
+        raise RuntimeError("the concept block read no masks: Conceptrol did not act, the comparison would be void")
+    runs = {"stock": lambda: evaluate(pipe, kwargs, device), "conceptrol": lambda: conceptrol(masks)[0]}
     raw = {name: {"eval_s": [], "peak_bytes": []} for name in runs}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
             seconds, peak = runs[name]()
             raw[name]["eval_s"].append(seconds)
@@ -128,13 +143,14 @@ def main() -> None:
                      "raw": r} for name, r in raw.items()}
     result["time_ratio"] = result["conceptrol"]["median_eval_s"] / result["stock"]["median_eval_s"]
     result["memory_ratio"] = result["conceptrol"]["peak_bytes"] / result["stock"]["peak_bytes"]
-    side = args.size // 16
-    result["tokens"] = {"text": TEXT_TOKENS, "latent": side * side, "references": [side * side, side * side]}
-    result["setup"] = vars(args) | {"json": str(args.json), "torch": torch.__version__, "width": model.inner_dim,
-                                    "threads": torch.get_num_threads(), "concept_layer": config.concept_layer}
+    return result
+
+
+def report(result: dict, path: Path | None) -> None:
+    """The ratios and setup on stdout; everything into `path` when given."""
     print(json.dumps({k: v for k, v in result.items() if k not in ("stock", "conceptrol")}), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if path:
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
