@@ -153,3 +153,27 @@ def test_the_weightless_check_places_concepts_where_the_loaded_pipeline_does(pip
                                                                                             "dog", pipeline)
     with pytest.raises(ConceptrolError, match="concept 'cat' not found"):
         locate_in_template(pipe.processor, PROMPT, "cat", pipeline)
+
+
+def test_the_analysis_image_is_the_stock_edit_with_true_cfg(tmp_path, refs, capsys):
+    """--guidance and --negative-prompt reach Qwen-Image-Edit as its true CFG: the case image is the stock pipeline's."""
+    import numpy as np
+    import torch
+
+    from conceptrol.core.images import load_reference_image
+    from conceptrol.tiny.qwen import tiny_qwen_edit_plus
+
+    mask = Image.new("L", (256, 256), 0)
+    ImageDraw.Draw(mask).rectangle((64, 64, 192, 192), fill=255)
+    mask.save(tmp_path / "mask.png")
+    dog, _ = refs
+    code, err = cli(capsys, "analyze", "--model", "tiny-qwen-edit", "--reference", str(dog), "--prompt",
+                    "a dog on a beach", "--concept", "dog", "--mask", str(tmp_path / "mask.png"), "--steps", "2",
+                    "--size", "256x256", "--guidance", "2.5", "--negative-prompt", "blurry", "--seed", "3", "--out",
+                    str(tmp_path / "analysis"))
+    assert code == 0, err
+    stock = tiny_qwen_edit_plus()(prompt="a dog on a beach", image=[load_reference_image(dog)], height=256, width=256,
+                                  num_inference_steps=2, true_cfg_scale=2.5, negative_prompt="blurry",
+                                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    analysed = Image.open(tmp_path / "analysis" / "case-0.png")
+    assert np.array_equal(np.asarray(analysed), np.asarray(stock))
