@@ -20,10 +20,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-import torch
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 

@@ -20,8 +20,8 @@ from diffusers import FluxTransformer2DModel
 from overhead import PeakMemory
 from peft import LoraConfig
 
-from conceptrol.flux.ominicontrol.transformer import ConditionTokens, OminiControlTransformer, StepInputs
 from conceptrol.flux.ominicontrol.attention import FluxCall
+from conceptrol.flux.ominicontrol.transformer import ConditionTokens, OminiControlTransformer, StepInputs
 
 LORA_TARGETS = ["x_embedder", "norm1.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.2",
                 "norm.linear", "proj_mlp", "proj_out"]

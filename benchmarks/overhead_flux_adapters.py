@@ -227,7 +227,8 @@ def measure(setup: Setup, config: ConceptrolConfig, args: argparse.Namespace) ->
 def profile(setup: Setup, config: ConceptrolConfig, read_all: bool, mask: torch.Tensor, device: str,
             handle: Any = None) -> dict:
     """Self time per operator (ms) of one stock and one Conceptrol evaluation: where the extra time goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     tables = {}
