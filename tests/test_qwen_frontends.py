@@ -95,6 +95,21 @@ def test_the_demo_shows_both_references_and_their_masks(tmp_path, capsys):
     assert ours.tobytes() != stock.tobytes()  # Conceptrol changed the stock image
 
 
+def test_evaluate_runs_the_stock_pipeline_and_conceptrol(tmp_path, capsys):
+    reference_picture(64).save(tmp_path / "dog.png")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"id": "d0", "image": "dog.png", "prompt": "a dog on the moon",
+                                                    "concept": "dog"}))
+    code = main(["evaluate", "--benchmark", str(tmp_path / "set.jsonl"), "--model", "tiny-qwen-edit", "--steps", "1",
+                 "--size", "256x256", "--no-score", "--out", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["adapter"] == "references" and run["settings"]["architecture"] == "qwen-edit"
+    images = sorted(p.relative_to(tmp_path / "run" / "images").parts[0] for p in (tmp_path / "run" / "images").rglob("*.png"))
+    assert images == ["conceptrol", "qwen-edit"]
+    ours, stock = (Image.open(next((tmp_path / "run" / "images" / name).rglob("*.png"))) for name in images)
+    assert ours.size == stock.size == (256, 256) and ours.tobytes() != stock.tobytes()
+
+
 def test_the_web_ui_backend_shows_a_mask_per_reference(refs):
     from conceptrol.core.concepts import Concept
     from conceptrol.demo.backend import DEMO_CHOICES, CompareRequest, LocalBackend
