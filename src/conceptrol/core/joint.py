@@ -56,8 +56,10 @@ class ReferenceCall(StepWindow):
     concept_read: Tensor | None = None  # the running step's read, recorded when the step ends
     records: list[Tensor] = field(default_factory=list)
     _weights: dict[tuple, Tensor] = field(default_factory=dict)
-    _base: dict[tuple, Tensor] = field(default_factory=dict)
-    _bias: dict[tuple, Tensor] = field(default_factory=dict)
+    _bias: dict[tuple, Tensor] = field(default_factory=dict)  # one [B, 1, L, L] bias per layout, strength and dtype
+    _blocks: dict[tuple, tuple[ReferenceLayout, list[Tensor]]] = field(default_factory=dict)  # each bias's latent ->
+    # ref_i entries without log Â (fp32), for the references with a concept: what a new Â is added to
+    _rows: dict[tuple, Tensor] = field(default_factory=dict)  # query rows of a bias (FLUX.2's KV cache)
 
     def __post_init__(self) -> None:
         # Set once from the spans: processors read these, never the spans (a compiled transformer would guard on them)
@@ -87,10 +89,25 @@ class ReferenceCall(StepWindow):
         self.step, self.passes = step + 1, 0
 
     def store(self, masks: Tensor) -> None:
-        """Â of every reference [B, R, N] becomes the one later blocks (and the next step) use."""
+        """Â of every reference [B, R, N] becomes the one later blocks (and the next step) use: written into every
+        bias of the call in place (one [B, 1, L, L] tensor per bias in memory, never a second copy)."""
         self.masks = masks
-        self._bias = {}
+        for key in self._bias:
+            self.apply_masks(key)
+        self._rows = {}
         self.concept_read = masks.detach()
+
+    def apply_masks(self, key: tuple) -> None:
+        """latent -> ref_i of the bias under `key` becomes its entry without Â plus log Â_i (summed in fp32, then
+        rounded to the bias's dtype once)."""
+        bias, (layout, blocks) = self._bias[key], self._blocks[key]
+        for i, block in zip(self.concepts, blocks):
+            log = self.masks[:, i].log().to(block.device)[:, :, None]
+            bias[:, 0, layout.latent, layout.references[i]] = (block + log).to(bias.dtype)
+
+    def clear_biases(self) -> None:
+        """Drop every bias (the strength changed at the window's edge: the old ones are not used again)."""
+        self._bias, self._blocks, self._rows = {}, {}, {}
 
 
 class ReferenceState:
@@ -106,7 +123,11 @@ class ReferenceState:
         return call is not None and call.masking
 
     def follow_window(self) -> None:
-        self.call.follow(self.config.start, self.config.end)
+        call = self.call
+        active = call.active
+        call.follow(self.config.start, self.config.end)
+        if call.active != active:
+            call.clear_biases()
 
     def reference_scale(self) -> float:
         """c: the requested strength inside the window, 0.5 outside (section 2)."""
@@ -119,41 +140,36 @@ class ReferenceState:
         return self.call.layout is not None and bool(self.call.layout.references) and (
             self.masking or self.reference_scale() != 1.0)
 
-    def prepare(self, device: torch.device) -> None:
-        """Before a denoiser call: what its processors read (span weights, the bias without Â), built outside any
-        compiled graph so that the graph is not specialised on the spans."""
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Before a denoiser call: what its processors read (span weights, the bias), built outside any compiled graph
+        so that the graph is not specialised on the spans."""
         call = self.call
         if self.masking and not call.negative:  # only a positive pass reads (a negative prompt may be shorter)
             call.weights(call.layout.text.stop - call.layout.text.start, device)
         if self.biased():
-            self.base_bias(device)
-
-    def base_bias(self, device: torch.device) -> Tensor:
-        """Section 6's table without the log Â terms, fp32 [B, 1, L, L], built once per layout and strength."""
-        call, layout, scale = self.call, self.call.layout, self.reference_scale()
-        key = (layout.key, call.text_keep_key, scale, self.masking, device)
-        if key not in call._base:
-            spans = call.spans if self.masking else None
-            call._base[key] = references_bias(layout.length, layout.text, layout.latent, list(layout.references), spans,
-                                              scale, None, call.text_keep, device)
-        return call._base[key]
+            self.bias(device, dtype)
 
     def bias(self, device: torch.device, dtype: torch.dtype, rows: tuple[slice, ...] | None = None) -> Tensor:
-        """The bias of the running call with the current Â, built once until the mask or the layout changes; `rows`
-        keeps only those query rows (a sequence whose reference tokens attend apart, as FLUX.2's KV cache)."""
-        call, layout = self.call, self.call.layout
-        key = (layout.key, call.text_keep_key, self.reference_scale(), self.masking, device, dtype,
-               None if rows is None else tuple((r.start, r.stop) for r in rows))
+        """Section 6's table [B, 1, L, L] with the current Â (ALGORITHM.md), built once per layout, strength and dtype;
+        a new Â is written into it in place (`ReferenceCall.store`). `rows` keeps only those query rows (a sequence
+        whose reference tokens attend apart, as FLUX.2's KV cache)."""
+        call, layout, scale = self.call, self.call.layout, self.reference_scale()
+        key = (layout.key, call.text_keep_key, scale, self.masking, device, dtype)
         if key not in call._bias:
-            bias = self.base_bias(device)
+            spans = call.spans if self.masking else None
+            base = references_bias(layout.length, layout.text, layout.latent, list(layout.references), spans, scale,
+                                   None, call.text_keep, device)
+            blocks = [base[:, 0, layout.latent, layout.references[i]].clone() for i in call.concepts] if self.masking \
+                else []
+            call._bias[key], call._blocks[key] = base.to(dtype), (layout, blocks)
             if self.masking and call.masks is not None:
-                bias = bias.clone()
-                for i in call.concepts:
-                    bias[:, 0, layout.latent, layout.references[i]] += call.masks[:, i].log().to(bias.device)[:, :, None]
-            if rows is not None:
-                bias = torch.cat([bias[:, :, part] for part in rows], dim=2)
-            call._bias[key] = bias.to(dtype)
-        return call._bias[key]
+                call.apply_masks(key)
+        if rows is None:
+            return call._bias[key]
+        rows_key = (*key, tuple((r.start, r.stop) for r in rows))
+        if rows_key not in call._rows:
+            call._rows[rows_key] = torch.cat([call._bias[key][:, :, part] for part in rows], dim=2)
+        return call._rows[rows_key]
 
     def read(self, latent_query: Tensor, text_key: Tensor) -> None:
         """At the concept block of a positive pass: Â_i = r_i / mean r_i of every reference with a concept."""

@@ -161,7 +161,7 @@ class ReferenceHandle:
         if isinstance(steps, int) and steps > 0:
             call.total_steps = steps
         self.state.follow_window()
-        self.state.prepare(kwargs["hidden_states"].device)
+        self.state.prepare(kwargs["hidden_states"].device, kwargs["hidden_states"].dtype)
 
     def _masks(self, call: ReferenceCall | None, labels: list[list[str]]) -> ConceptMasks | None:
         """The concept block's read of every step, [steps, samples, references, h, w] (ones for a global reference)."""
