@@ -201,3 +201,22 @@ def send_chat_answer(handler, answer: str, status: int = 200, headers: dict | No
     handler.end_headers()
     handler.wfile.write(reply)
 
+
+def cli(capsys, *args):
+    """`conceptrol ARGS` in this process: (exit status, stderr lines); argparse's own exits included."""
+    from conceptrol.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exited:
+        code = exited.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def dog_and_hat(folder: Path) -> tuple[Path, Path]:
+    """Two reference files of different sizes in `folder`: the demo's dog (64 px) and its wave as a 'hat' (80 px)."""
+    from conceptrol.app.offline_demo import reference_picture, wave_picture
+
+    reference_picture(64).save(folder / "dog.png")
+    wave_picture(80).save(folder / "hat.png")
+    return folder / "dog.png", folder / "hat.png"

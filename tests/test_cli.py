@@ -9,26 +9,17 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 from PIL import Image
 
 from conceptrol import ConceptrolError
 from conceptrol.app.generate import GenerateSettings, generate, safe_name
-from conceptrol.cli import main
 from conceptrol.core.images import load_reference_image
 
 
 def run_cli(*args, cwd=None):
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "conceptrol.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-def cli(capsys, *args):
-    """`conceptrol ARGS` in this process: (exit status, stderr lines); argparse's own exits included."""
-    try:
-        code = main(list(args))
-    except SystemExit as exited:
-        code = exited.code
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 @pytest.fixture

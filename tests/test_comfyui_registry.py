@@ -10,11 +10,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import comfyui_env as env
 import pytest
+import tomllib
 
 import conceptrol
 

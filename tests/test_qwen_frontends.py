@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli, dog_and_hat
 from PIL import Image, ImageDraw
 
-from conceptrol.app.offline_demo import reference_picture, wave_picture
+from conceptrol.app.offline_demo import reference_picture
 from conceptrol.cli import main
 
 PROMPT = "a dog wearing a hat"
@@ -20,17 +21,7 @@ SIZE = "256x256"
 
 @pytest.fixture
 def refs(tmp_path):
-    reference_picture(64).save(tmp_path / "dog.png")
-    wave_picture(80).save(tmp_path / "hat.png")
-    return tmp_path / "dog.png", tmp_path / "hat.png"
-
-
-def cli(capsys, *args):
-    try:
-        code = main(list(args))
-    except SystemExit as exited:
-        code = exited.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    return dog_and_hat(tmp_path)
 
 
 def test_generate_two_references_as_a_user_runs_it(tmp_path, refs):

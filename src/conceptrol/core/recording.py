@@ -8,7 +8,7 @@ changes nothing: the processors return exactly what the stock ones return.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -74,5 +74,19 @@ class MapRecorder:
     def spans_for(self, prompt: str, concept: Any) -> list[slice]:  # pragma: no cover - each family's own
         raise NotImplementedError
 
-    def remove(self) -> None:  # pragma: no cover - each family's own
-        raise NotImplementedError
+    def install_on_transformer(self, pipe: Any, recording: Callable[[Any, str], Any]) -> None:
+        """Every attention processor of `pipe.transformer` replaced by `recording(stock processor, block name)` (the
+        stock ones kept for `remove`), and the subclass's `_on_forward(module, args, kwargs)` called before each
+        transformer call."""
+        transformer = pipe.transformer
+        self.pipe = pipe
+        self._saved = dict(transformer.attn_processors)
+        installed = {key: recording(processor, key.removesuffix(".attn.processor"))
+                     for key, processor in self._saved.items()}
+        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
+        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+
+    def remove(self) -> None:
+        """The stock processors back, the hook gone (a U-Net family overrides this)."""
+        self.pipe.transformer.set_attn_processor(dict(self._saved))
+        self._hook.remove()

@@ -170,3 +170,26 @@ class ReferenceHandle:
         masks = torch.stack([m.float().cpu().reshape(m.shape[0], m.shape[1], *call.grid) for m in call.records])
         return ConceptMasks(masks=masks, concepts=labels, layer=self.config.concept_layer)
 
+
+
+def transformer_is(pipe: Any, class_name: str) -> bool:
+    """Whether `pipe.transformer` (or the module torch.compile wraps) is of the class named `class_name`."""
+    transformer = getattr(pipe, "transformer", None)
+    transformer = getattr(transformer, "_orig_mod", transformer)
+    return type(transformer).__name__ == class_name
+
+
+def install_reference_handle(pipe: Any, config: ConceptrolConfig, handle: type[ReferenceHandle], pipelines: tuple,
+                             model: str, architecture: str) -> ReferenceHandle:
+    """A family's handle on `pipe` once the pipeline is one it follows, masking is not local and the concept block
+    is one of the transformer's dual-stream blocks."""
+    from .blocks import check_block, dual_stream_block_names
+
+    if type(pipe).__name__ not in pipelines:
+        raise ConceptrolError(f"{type(pipe).__name__} is not supported; Conceptrol follows {model}'s reference images "
+                              f"in {', '.join(pipelines)}")
+    if config.masking == "local":
+        raise ConceptrolError(f"{model} has no local masking; use masking='global' (Conceptrol) or 'none'")
+    config = config.with_architecture(architecture)
+    check_block(config.concept_layer, dual_stream_block_names(pipe.transformer))
+    return handle(pipe, config)

@@ -34,23 +34,14 @@ class FluxMapRecorder(MapRecorder):
         if any(hasattr(p, "to_k_ip") for p in transformer.attn_processors.values()):
             raise ConceptrolError("the block analysis reads the stock model; unload the IP-Adapter first "
                                   "(pipe.unload_ip_adapter())")
-        self.pipe = pipe
         self.blocks = block_names(transformer)
-        self._saved = dict(transformer.attn_processors)
-        installed = {key: RecordingBlockProcessor(processor, self, key.removesuffix(PROCESSOR_SUFFIX))
-                     for key, processor in self._saved.items()}
-        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
         self.layout: SequenceLayout | None = None
         self.grid: tuple[int, int] | None = None
-        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self.install_on_transformer(pipe, lambda stock, block: RecordingBlockProcessor(stock, self, block))
 
     def spans_for(self, prompt: str, concept: Any, max_sequence_length: int = MAX_T5_TOKENS) -> list[slice]:
         """The concept's span in the T5 tokens (0-based: T5 has no start token)."""
         return resolve_concepts(self.pipe.tokenizer_2, [prompt], [concept], 1, max_length=max_sequence_length).spans[0]
-
-    def remove(self) -> None:
-        self.pipe.transformer.set_attn_processor(dict(self._saved))
-        self._hook.remove()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The joint sequence of this call: [text | latent (| a reference's tokens, Kontext)]."""

@@ -16,7 +16,6 @@ from ..core.masking import text_share
 from ..core.recording import MapRecorder
 from ..core.wrapping import DelegatesBackend
 from .attention import BlockAttention, attend, double_outputs, double_qkv, single_output, single_qkv
-from .handle import PROCESSOR_SUFFIX
 from .text import MAX_TEXT_TOKENS, locate_concept
 
 LATENT_TIME = 0  # the latent tokens' time coordinate; references have 10, 20, ...
@@ -27,26 +26,15 @@ class Flux2MapRecorder(MapRecorder):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__()
-        transformer = pipe.transformer
-        self.pipe = pipe
-        self.blocks = dual_stream_block_names(transformer)
-        self._saved = dict(transformer.attn_processors)
-        installed = {}
-        for key, processor in self._saved.items():
-            block = key.removesuffix(PROCESSOR_SUFFIX)
-            installed[key] = (_RecordingSingle if block.startswith("single_") else _RecordingDouble)(processor, self, block)
-        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
+        self.blocks = dual_stream_block_names(pipe.transformer)
         self.num_text = 0
         self.latent = slice(0, 0)  # of the query sequence
         self.grid: tuple[int, int] | None = None
-        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self.install_on_transformer(pipe, lambda stock, block: (
+            _RecordingSingle if block.startswith("single_") else _RecordingDouble)(stock, self, block))
 
     def spans_for(self, prompt: str, concept: Any, max_sequence_length: int = MAX_TEXT_TOKENS) -> list[slice]:
         return [locate_concept(self.pipe, prompt, concept, max_sequence_length)]
-
-    def remove(self) -> None:
-        self.pipe.transformer.set_attn_processor(dict(self._saved))
-        self._hook.remove()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.on_denoiser_call()

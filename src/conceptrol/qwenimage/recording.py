@@ -21,7 +21,6 @@ from ..core.masking import text_share
 from ..core.recording import MapRecorder
 from ..core.wrapping import DelegatesBackend
 from .attention import attend, joint_outputs, joint_qkv, stock_mask
-from .handle import PROCESSOR_SUFFIX
 from .text import place_from_end, span_from_end, valid_lengths
 
 
@@ -30,27 +29,17 @@ class QwenMapRecorder(MapRecorder):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__()
-        transformer = pipe.transformer
-        self.pipe = pipe
-        self.blocks = dual_stream_block_names(transformer)
-        self._saved = dict(transformer.attn_processors)
-        installed = {key: _RecordingProcessor(processor, self, key.removesuffix(PROCESSOR_SUFFIX))
-                     for key, processor in self._saved.items()}
-        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
+        self.blocks = dual_stream_block_names(pipe.transformer)
         self.num_text = 0
         self.latent = slice(0, 0)  # of the joint sequence
         self.grid: tuple[int, int] | None = None
         self.text_keep: Tensor | None = None
-        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self.install_on_transformer(pipe, lambda stock, block: _RecordingProcessor(stock, self, block))
 
     def spans_for(self, prompt: str, concept: Any, max_sequence_length: int | None = None) -> list[slice]:
         """The concept's span from the end of the valid text keys (a negative slice), placed at the first transformer
         call; `max_sequence_length` is taken for the analysis' sake (the Edit pipelines cut no prompt)."""
         return [span_from_end(self.pipe, prompt, concept)]
-
-    def remove(self) -> None:
-        self.pipe.transformer.set_attn_processor(dict(self._saved))
-        self._hook.remove()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.on_denoiser_call()
