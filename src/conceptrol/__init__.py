@@ -29,7 +29,7 @@ __all__ = [
     "apply_conceptrol",
     "find_concept_span",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {  # public name -> the module that defines it
     "CONCEPT_LAYERS": ".core.config",
