@@ -131,6 +131,8 @@ def test_the_block_analysis_reads_the_edited_image_and_its_best_block_drives_gen
     analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
     assert analysis["architecture"] == "qwenimage" and len(analysis["layers"]) == 60
     assert analysis["preset"] == "transformer_blocks.19"
+    assert analysis["settings"] == {"num_inference_steps": 1, "width": 256, "height": 256,
+                                    "references": [str(dog.resolve())]}  # what reproduces its image
     code, err = cli(capsys, "generate", "--model", "tiny-qwen-edit", "--prompt", PROMPT, "--reference", str(dog),
                     "--concept", "dog", "--size", SIZE, "--steps", "1", "--concept-layer",
                     f"auto:{tmp_path / 'analysis'}", "--out", str(tmp_path / "out"))

@@ -52,6 +52,8 @@ class BlockAnalysis:
     maps: dict[str, list[Tensor]]  # block -> one [steps, h, w] map per case (the conditional sample's)
     steps: slice | None = None  # the steps the ranking uses (None: all)
     preset: str | None = None  # the architecture's current concept block
+    settings: dict[str, Any] = field(default_factory=dict)  # the pipeline's keywords (steps, size, guidance, ...) and,
+    # from the command line, the reference images an editing model edited: what reproduces the images
     files: list[Path] = field(default_factory=list)  # what save() wrote
 
     @property
@@ -86,7 +88,7 @@ class BlockAnalysis:
                   "mask_source": r.mask_source, "image": images[i]} for i, r in enumerate(self.cases)]
         return {"model": self.model, "architecture": self.architecture, "layers": self.layers, "cases": cases,
                 "steps": self.num_steps, "steps_range": steps, "preset": self.preset, "auc": self.auc,
-                "mean_auc": self.mean_auc, "ranking": self.ranking, "best": self.best}
+                "mean_auc": self.mean_auc, "ranking": self.ranking, "best": self.best, "settings": self.settings}
 
     def save(self, folder: str | Path) -> list[Path]:
         """Write analysis.json, each case's image and mask, the maps (maps.safetensors), the pictures and

@@ -48,8 +48,9 @@ def analyze_blocks(pipe: Any, prompt: str | None = None, concept: Any = None, ma
         recorder.remove()
     layers = list(maps)
     auc = {block: [_aucs(maps[block][i], results[i].subject) for i in range(len(cases))] for block in layers}
+    settings = {key: value for key, value in pipeline_kwargs.items() if isinstance(value, (bool, int, float, str))}
     analysis = BlockAnalysis(model or type(pipe).__name__, architecture, layers, results, auc, maps, steps,
-                             CONCEPT_LAYERS.get(architecture))
+                             CONCEPT_LAYERS.get(architecture), settings)
     analysis.ranked_steps()  # a range past the steps run is found here
     if steps is not None and not analysis.ranked_steps():
         raise ConceptrolError(f"the steps range {steps.start}:{steps.stop} holds none of the {analysis.num_steps} steps "

@@ -259,6 +259,8 @@ def run_analysis(settings: AnalyzeSettings, checked: CheckedAnalysis,
         kwargs["image"] = checked.references
     analysis = analyze_blocks(pipe, cases=checked.cases, steps=checked.ranked, segmenter=segmenter, progress=progress,
                               model=_model_name(settings.model), **kwargs)
+    if settings.reference:
+        analysis.settings["references"] = [str(Path(path).expanduser().resolve()) for path in settings.reference]
     analysis.save(settings.out)
     return analysis
 
