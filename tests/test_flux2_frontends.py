@@ -116,6 +116,26 @@ def test_the_web_ui_backend_shows_a_mask_per_reference(refs):
     assert result.conceptrol.size == (64, 64)
 
 
+def test_the_web_ui_backend_keeps_a_reference_without_concept_global(refs):
+    from conceptrol.core.concepts import Concept
+    from conceptrol.core.errors import ConceptrolError
+    from conceptrol.demo.backend import DEMO_CHOICES, CompareRequest, LocalBackend
+
+    loads = []
+    backend = LocalBackend(DEMO_CHOICES)
+    load = backend._load
+    backend._load = lambda choice: loads.append(choice.key) or load(choice)
+    ask = dict(prompt=PROMPT, references=refs, scale=1.0, start=0.0, steps=1, seed=0, size=(64, 64))
+    for model, concepts, message in [("tiny-sd15", (Concept("dog"), None), "applies to FLUX.2 and Qwen-Image-Edit"),
+                                     ("tiny-flux2", (None, None), "every reference is marked 'no concept'")]:
+        with pytest.raises(ConceptrolError, match=message):
+            backend(CompareRequest(model=model, concepts=concepts, **ask), lambda *_: None)
+    assert loads == []  # refused before any model loads
+    result = backend(CompareRequest(model="tiny-flux2", concepts=(Concept("dog"), None), **ask), lambda *_: None)
+    assert [label for _, label in result.overlays] == ["mask of 'dog'"]
+    assert result.conceptrol.tobytes() != result.vanilla.tobytes()
+
+
 def test_a_model_folder_in_the_diffusers_layout_is_checked_before_its_weights_load(tmp_path, refs, capsys):
     from conceptrol.tiny.flux2 import tiny_flux2_klein
 

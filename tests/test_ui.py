@@ -103,10 +103,21 @@ def test_a_typed_concept_missing_from_the_prompt_says_so(prompt, text, occurrenc
         concept_from_text(prompt, text, occurrence)
 
 
-def slots(images=(), words=()):
+def slots(images=(), words=(), everywhere=()):
     images = list(images) + [None] * (3 - len(images))
     words = list(words) + [[]] * (3 - len(words))
-    return [*images, *words]
+    everywhere = list(everywhere) + [False] * (3 - len(everywhere))
+    return [*images, *words, *everywhere]
+
+
+def test_a_reference_marked_no_concept_is_global(tmp_path):
+    request = request_from_inputs("tiny-flux2", "a dog on a beach", slots([tmp_path / "d.png", tmp_path / "b.png"],
+                                  [positions(1), []], [False, True]), 1.0, 0.0, 4, 0, (64, 64))
+    assert request.references == (tmp_path / "d.png", tmp_path / "b.png")
+    assert request.concepts == (Concept("dog"), None)
+    api = request_from_api("tiny-flux2", "a dog on a beach", [(tmp_path / "d.png", "dog", 0), (tmp_path / "b.png", "-", 0)],
+                           1.0, 0.0, 4, 0, (64, 64))
+    assert api.concepts == (Concept("dog"), None)
 
 
 def test_request_skips_empty_slots_and_keeps_reference_order(tmp_path):
@@ -122,6 +133,7 @@ def test_request_skips_empty_slots_and_keeps_reference_order(tmp_path):
     ("a dog", slots(["r.png"], [[]]), "pick the concept of reference 1"),
     ("   ", slots(["r.png"], [positions(0)]), "type a prompt first"),
     ("a dog", slots(["r.png"], [positions(5)]), "reference 1: the selected words are no longer in the prompt"),
+    ("a dog", slots(["r.png"], [positions(1)], [True]), "reference 1 is marked 'no concept' and has words picked"),
 ])
 def test_page_mistakes_say_what_to_do(prompt, inputs, message):
     with pytest.raises(ConceptrolError, match=message):
@@ -350,6 +362,27 @@ def test_the_pages_own_generate_click_still_names_the_clicked_word(served, refer
         done = next(m for line in events.iter_lines() if line.startswith("data:")
                     and (m := json.loads(line[5:]))["msg"] == "process_completed")
     assert done["success"] and [r.concepts for r in requests] == [(Concept("dog"),)]
+
+
+def test_the_pages_no_concept_box_reaches_the_request_as_a_global_reference(served, reference_file):
+    requests = []
+    url, _ = served(lambda request, progress: requests.append(request) or fake_result())
+    config = httpx.get(url + "config").json()
+    components = {c["id"]: c["props"] for c in config["components"]}
+    click = next(d for d in config["dependencies"]
+                 if d["targets"] and components[d["targets"][0][0]].get("elem_id") == "generate")
+    uploaded = [httpx.post(url + "gradio_api/upload", files={"files": reference_file.open("rb")}).json()[0]
+                for _ in range(2)]
+    page_values = {"reference-0": {"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}, "concept-0": ["1"],
+                   "reference-1": {"path": uploaded[1], "meta": {"_type": "gradio.FileData"}}, "global-1": True}
+    data = [page_values.get(components[i].get("elem_id"), components[i].get("value")) for i in click["inputs"]]
+    session = "page-global"
+    httpx.post(url + "gradio_api/queue/join", json=dict(data=data, fn_index=click["id"], session_hash=session,
+                                                        trigger_id=click["targets"][0][0], event_data=None))
+    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=30) as events:
+        done = next(m for line in events.iter_lines() if line.startswith("data:")
+                    and (m := json.loads(line[5:]))["msg"] == "process_completed")
+    assert done["success"] and [r.concepts for r in requests] == [(Concept("dog"), None)]
 
 
 def test_the_api_documents_one_generate_endpoint_with_a_concept_per_reference(served):

@@ -61,7 +61,7 @@ def _controls(choices: Sequence[ModelChoice], first: ModelChoice, prompt: str) -
                                               elem_id="model")}
     c["prompt"] = gr.Textbox(value=prompt, label="Prompt", placeholder=DEFAULT_PROMPT, elem_id="prompt")
     c["last_prompt"] = gr.State(prompt)
-    c["images"], c["words"], c["concepts"], c["occurrences"] = [], [], [], []
+    c["images"], c["words"], c["globals"], c["concepts"], c["occurrences"] = [], [], [], [], []
     _reference_slot(c, 0, prompt)
     with gr.Accordion("More subjects (one reference and concept each)", open=False, elem_id="more-subjects"):
         for i in range(1, MAX_REFERENCES):
@@ -86,9 +86,12 @@ def _reference_slot(c: dict[str, Any], i: int, prompt: str) -> None:
     with gr.Row(equal_height=True):
         c["images"].append(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], height=200,
                                     label=f"Reference {i + 1}", elem_id=f"reference-{i}"))
-        c["words"].append(gr.CheckboxGroup(word_choices(prompt), label=f"Concept of reference {i + 1}",
-                                           info="click the word(s) of the prompt that name this subject",
-                                           elem_id=f"concept-{i}"))
+        with gr.Column():
+            c["words"].append(gr.CheckboxGroup(word_choices(prompt), label=f"Concept of reference {i + 1}",
+                                               info="click the word(s) of the prompt that name this subject",
+                                               elem_id=f"concept-{i}"))
+            c["globals"].append(gr.Checkbox(False, label="No concept: this reference acts everywhere (a background "
+                                            "or a style; FLUX.2 and Qwen-Image-Edit)", elem_id=f"global-{i}"))
     # The API's way to name the concept, for any prompt (the checkboxes only know the page's prompt); never shown.
     c["concepts"].append(gr.Textbox("", visible=False, label=f"Concept of reference {i + 1}: a word or phrase of "
                                     "the prompt"))
@@ -135,7 +138,8 @@ def _wire(demo: gr.Blocks, generate_fn: GenerateFn, choices: Sequence[ModelChoic
                    progress)
 
     # The page's clicks name word positions of the prompt on the page; clients use /generate below instead.
-    c["run"].click(on_generate, [*settings, *c["images"], *c["words"]], outputs, api_visibility="private", **queued)
+    c["run"].click(on_generate, [*settings, *c["images"], *c["words"], *c["globals"]], outputs,
+                   api_visibility="private", **queued)
     slots = [part for i in range(MAX_REFERENCES) for part in (c["images"][i], c["concepts"][i], c["occurrences"][i])]
     # The API's model is free text, checked by the backend (a dropdown would refuse an unknown one inside gradio)
     api_model = gr.Textbox(value=choices[0].key, visible=False, label="Model (API)")
@@ -174,7 +178,8 @@ def _api_handler(run: Runner) -> Callable[..., list[Any]]:
                  reference_3: str | None = None, concept_3: str = "", occurrence_3: int = 0,
                  progress: gr.Progress = gr.Progress()) -> list[Any]:
         """Vanilla adapter vs Conceptrol, same seed, for any prompt: each reference image's concept is a word or
-        phrase of the prompt (concept_N), and occurrence_N picks which appearance when it repeats (0 = the first).
+        phrase of the prompt (concept_N), and occurrence_N picks which appearance when it repeats (0 = the first);
+        concept_N "-" keeps reference N global, acting everywhere (FLUX.2 and Qwen-Image-Edit only).
         Returns the vanilla image, the Conceptrol image, one concept mask per reference, and a status line.
         """
         references = [(reference_1, concept_1, occurrence_1), (reference_2, concept_2, occurrence_2),
@@ -187,13 +192,22 @@ def _api_handler(run: Runner) -> Callable[..., list[Any]]:
 
 def request_from_inputs(model: str, prompt: str, slots: Sequence[Any], scale: float, start: float, steps: float,
                         seed: float, size: tuple[float, float]) -> CompareRequest:
-    """The page's values as a CompareRequest: images, then the clicked word positions; empty slots are skipped."""
+    """The page's values as a CompareRequest: images, the clicked word positions, then the 'no concept' boxes (none
+    ticked when absent); empty slots are skipped."""
     if not prompt.strip():
         raise ConceptrolError("type a prompt first")
-    images, selections = slots[:MAX_REFERENCES], slots[MAX_REFERENCES:]
+    images, selections = slots[:MAX_REFERENCES], slots[MAX_REFERENCES:2 * MAX_REFERENCES]
+    globals_ = list(slots[2 * MAX_REFERENCES:]) or [False] * MAX_REFERENCES
     references, concepts = [], []
-    for index, (image, selected) in enumerate(zip(images, selections)):
+    for index, (image, selected, everywhere) in enumerate(zip(images, selections, globals_)):
         if not image:
+            continue
+        if everywhere:
+            if selected:
+                raise ConceptrolError(f"reference {index + 1} is marked 'no concept' and has words picked: untick "
+                                      "one of them")
+            concepts.append(None)
+            references.append(Path(image))
             continue
         if not selected:
             raise ConceptrolError(f"pick the concept of reference {index + 1}: click the word(s) of the prompt "
@@ -221,6 +235,10 @@ def request_from_api(model: str, prompt: str, slots: Sequence[tuple[Any, str, fl
         if not text:
             raise ConceptrolError(f"reference {n} has no concept: pass concept_{n}, the word or phrase of the prompt "
                                   "that names its subject")
+        if text == "-":  # a global reference
+            concepts.append(None)
+            references.append(Path(image))
+            continue
         try:
             concepts.append(concept_from_text(prompt, text, int(occurrence or 0)))
         except ConceptrolError as error:

@@ -146,7 +146,7 @@ class CompareRequest:
     model: str  # a ModelChoice key
     prompt: str
     references: tuple[Path, ...]  # uploaded reference image files
-    concepts: tuple[Concept, ...]  # one per reference
+    concepts: tuple[Concept | None, ...]  # one per reference; None: it acts everywhere (FLUX.2, Qwen-Image-Edit)
     scale: float
     start: float  # warm-up: fraction of steps before Conceptrol's adapter acts
     steps: int
@@ -212,6 +212,12 @@ class LocalBackend:
         if choice.architecture.startswith("flux") and choice.architecture not in MULTI_REFERENCE and len(references) != 1:
             raise ConceptrolError(f"the FLUX.1 adapters take one reference image, got {len(references)}; "
                                   "remove the others, or pick an SD, FLUX.2 or Qwen-Image-Edit model")
+        if choice.architecture not in MULTI_REFERENCE and None in request.concepts:
+            raise ConceptrolError("a reference without a concept (acting everywhere) applies to FLUX.2 and "
+                                  "Qwen-Image-Edit; pick the words of this model's reference")
+        if all(concept is None for concept in request.concepts):
+            raise ConceptrolError("every reference is marked 'no concept': pick the words of at least one, or the "
+                                  "stock model is all Conceptrol would run")
         with self._lock:
             pipe = self._pipeline(choice, progress)
             return compare(pipe, choice, request, references, progress)
