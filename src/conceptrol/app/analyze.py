@@ -25,7 +25,7 @@ class AnalyzeSettings:
 
     out: Path  # the folder analysis.json, the images and the pictures go to (never over earlier files)
     model: str = "sd15"  # preset, hub id, local folder, or tiny-sd15 / tiny-flux
-    reference: tuple[Path, ...] = ()  # the images an editing model edits (Qwen-Image-Edit; FLUX.2 may take them), every case
+    reference: tuple[Path, ...] = ()  # what an editing model edits in every case (Qwen-Image-Edit; FLUX.2 may take it)
     prompt: str | None = None  # one case from the flags ...
     concept: str | None = None
     mask: Path | None = None  # None: segment the image (--segmenter)
