@@ -616,12 +616,25 @@ def test_two_subjects_give_one_mask_each_in_reference_order(tmp_path):
     (["--demo", "--ip-adapter-repo", "/nonexistent"], "--demo uses its own tiny models; leave out --ip-adapter-repo"),
     (["--demo", "--adapter-repo", "x"], "--demo uses its own tiny models; leave out --adapter-repo"),
 ])
-def test_ui_checks_every_model_and_adapter_flag_before_serving(args, message):  # audit D10
-    result = subprocess.run([sys.executable, "-m", "conceptrol.cli", "ui", *args], capture_output=True, text=True,
-                            timeout=60, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+def test_ui_checks_every_model_and_adapter_flag_before_serving(args, message, capsys):  # audit D10
+    from conceptrol.cli import main
+
+    try:
+        code = main(["ui", *args])
+    except SystemExit as exited:
+        code = exited.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("conceptrol: error: ") and message in lines[0], lines
+
+
+def test_a_ui_flag_mistake_is_one_line_from_the_command_as_users_run_it():  # audit D10, in its own process
+    result = subprocess.run([sys.executable, "-m", "conceptrol.cli", "ui", "--model", "sd15", "--adapter", "xlabs-ip"],
+                            capture_output=True, text=True, timeout=60, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and result.stdout == "", result
-    assert result.stderr.splitlines() == [f"conceptrol: error: {result.stderr.split('error: ', 1)[1].strip()}"]
-    assert message in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("conceptrol: error: --adapter xlabs-ip does not fit --model sd15")
 
 
 def test_each_model_of_the_menu_takes_the_adapter_folder_that_holds_its_adapter(tiny_folder):  # audit D10, D17
