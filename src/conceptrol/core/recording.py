@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .masking import span_weights
+from .wrapping import ProcessorSwap
 
 
 @dataclass
@@ -78,15 +79,10 @@ class MapRecorder:
         """Every attention processor of `pipe.transformer` replaced by `recording(stock processor, block name)` (the
         stock ones kept for `remove`), and the subclass's `_on_forward(module, args, kwargs)` called before each
         transformer call."""
-        transformer = pipe.transformer
         self.pipe = pipe
-        self._saved = dict(transformer.attn_processors)
-        installed = {key: recording(processor, key.removesuffix(".attn.processor"))
-                     for key, processor in self._saved.items()}
-        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
-        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._swap = ProcessorSwap(pipe.transformer, lambda key, stock: recording(stock, key.removesuffix(
+            ".attn.processor")), self._on_forward)
 
     def remove(self) -> None:
-        """The stock processors back, the hook gone (a U-Net family overrides this)."""
-        self.pipe.transformer.set_attn_processor(dict(self._saved))
-        self._hook.remove()
+        """The stock processors back, the hook gone."""
+        self._swap.restore()

@@ -9,7 +9,6 @@ transformer call, and how a concept is found in its template.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from .config import ConceptrolConfig
 from .errors import ConceptrolError
 from .joint import ReferenceCall, ReferenceLayout, ReferenceState
 from .masks import ConceptMasks
+from .wrapping import ProcessorSwap
 
 
 class ReferenceHandle:
@@ -41,16 +41,12 @@ class ReferenceHandle:
                                   "applying it again")
         self.pipe, self.config = pipe, config
         self.state = ReferenceState(config)
-        self._saved = dict(transformer.attn_processors)
-        installed = {key: self._processor(key, processor) for key, processor in self._saved.items()}
-        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
-        self._installed = installed
-        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._swap: ProcessorSwap | None = ProcessorSwap(transformer, self._processor, self._on_forward)
         self.masks: ConceptMasks | None = None
 
     def __call__(self, prompt: str | list[str] | None = None, concepts: list | None = None, **kwargs: Any) -> Any:
         """Run the stock pipeline under Conceptrol; `concepts` holds one concept (or None) per reference image."""
-        if self._hook is None:
+        if self._swap is None:
             raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
         references = self._references(kwargs)
         if concepts is None:
@@ -60,7 +56,7 @@ class ReferenceHandle:
         resolved = self._resolve(prompt, concepts, kwargs, references)
         masking = self.config.masking != "none" and any(s is not None for s in resolved.spans[0])
         if self._adds_bias(masking):
-            check_bias_backend(list(self._installed.values()), self.name)
+            check_bias_backend(list(self._swap.installed.values()), self.name)
         self.state.call = ReferenceCall(spans=resolved.spans if masking else None,
                                         total_steps=int(kwargs.get("num_inference_steps") or self.default_steps))
         self.masks, output = None, None
@@ -73,16 +69,11 @@ class ReferenceHandle:
 
     def remove(self) -> None:
         """Restore the exact processor objects that were there before; idempotent."""
-        if self._hook is None:
+        if self._swap is None:
             return
-        transformer = self.pipe.transformer
-        if all(transformer.attn_processors.get(k) is p for k, p in self._installed.items()):
-            transformer.set_attn_processor(dict(self._saved))
-        else:
-            warnings.warn("the transformer's attention processors were replaced after apply_conceptrol; they are left "
-                          "as they are now", stacklevel=2)
-        self._hook.remove()
-        self._hook = None
+        self._swap.undo("the transformer's attention processors were replaced after apply_conceptrol; they are left "
+                        "as they are now")
+        self._swap = None
 
     # What each family says.
     def _processor(self, key: str, stock: Any) -> Any:

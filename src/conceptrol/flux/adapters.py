@@ -22,6 +22,7 @@ from ..core.concepts import ResolvedConcepts, as_span, resolve_concepts
 from ..core.config import ConceptrolConfig
 from ..core.errors import ConceptrolError
 from ..core.masks import ConceptMasks
+from ..core.wrapping import ProcessorSwap
 from .block_processor import AdapterCall, FluxAdapterState, FluxBlockProcessor, Mode
 from .blocks import mask_blocks
 from .ip_masks import check_user_masks
@@ -49,25 +50,23 @@ class FluxAdapterHandle:
         reading = set(mask_blocks(transformer, config.concept_layer))
         self.pipe, self.config = pipe, config
         self.state = FluxAdapterState(config, self.mode)
-        self._saved = dict(transformer.attn_processors)
-        installed = {}
-        for key, processor in self._saved.items():
+
+        def make(key: str, stock: Any) -> FluxBlockProcessor:
             block = key.removesuffix(PROCESSOR_SUFFIX)
-            installed[key] = FluxBlockProcessor(processor, self.state, block, block in reading, block == config.concept_layer)
-        transformer.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
-        self._installed = installed
-        self._hook = transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            return FluxBlockProcessor(stock, self.state, block, block in reading, block == config.concept_layer)
+
+        self._swap: ProcessorSwap | None = ProcessorSwap(transformer, make, self._on_forward)
         self.masks: ConceptMasks | None = None
 
     def __call__(self, prompt: str | list[str] | None = None, concepts: list | None = None, **kwargs: Any) -> Any:
         """Run the pipeline under Conceptrol; `concepts` holds one concept per reference image."""
-        if self._hook is None:
+        if self._swap is None:
             raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
         if concepts is None:
             raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt per reference image")
         _check_sizes(self.pipe, kwargs)
         if self._adds_bias():
-            check_bias_backend(list(self._installed.values()), self.name)
+            check_bias_backend(list(self._swap.installed.values()), self.name)
         num_references = self._check_call(prompt, kwargs)
         resolved = self._resolve(prompt, concepts, kwargs, num_references)
         user_masks = self._user_masks(kwargs, len(resolved.spans))
@@ -84,19 +83,11 @@ class FluxAdapterHandle:
 
     def remove(self) -> None:
         """Restore the exact processor objects that were there before; idempotent."""
-        if self._hook is None:
+        if self._swap is None:
             return
-        transformer = self.pipe.transformer
-        current = transformer.attn_processors
-        if all(current.get(k) is p for k, p in self._installed.items()):
-            transformer.set_attn_processor(dict(self._saved))
-        else:
-            import warnings
-
-            warnings.warn("the transformer's attention processors were replaced after apply_conceptrol (e.g. by "
-                          "unload_ip_adapter); they are left as they are now", stacklevel=2)
-        self._hook.remove()
-        self._hook = None
+        self._swap.undo("the transformer's attention processors were replaced after apply_conceptrol (e.g. by "
+                        "unload_ip_adapter); they are left as they are now")
+        self._swap = None
 
     # What differs per adapter.
     def _check_call(self, prompt: Any, kwargs: dict) -> int:

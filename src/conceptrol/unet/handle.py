@@ -14,6 +14,7 @@ from ..core.concepts import ResolvedConcepts, resolve_concepts
 from ..core.config import CONCEPT_LAYERS, ConceptrolConfig
 from ..core.errors import ConceptrolError
 from ..core.masks import ConceptMasks
+from ..core.wrapping import ProcessorSwap
 from .processor import ConceptrolIPAdapterProcessor
 from .state import ConceptrolState
 
@@ -67,16 +68,14 @@ class ConceptrolHandle:
         self.pipe = pipe
         self.config = config
         self.state = ConceptrolState(config)
-        unet = pipe.unet
-        self._saved = dict(unet.attn_processors)
-        installed = dict(self._saved)
-        for key, proc in self._saved.items():
-            if hasattr(proc, "to_k_ip"):
-                name = key.removesuffix(PROCESSOR_SUFFIX)
-                installed[key] = ConceptrolIPAdapterProcessor(proc, self.state, name, name == config.concept_layer)
-        unet.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
-        self._installed = installed
-        self._hook = unet.register_forward_pre_hook(self._on_unet_forward, with_kwargs=True)
+
+        def make(key: str, stock: Any) -> Any:
+            if not hasattr(stock, "to_k_ip"):
+                return stock
+            name = key.removesuffix(PROCESSOR_SUFFIX)
+            return ConceptrolIPAdapterProcessor(stock, self.state, name, name == config.concept_layer)
+
+        self._swap: ProcessorSwap | None = ProcessorSwap(pipe.unet, make, self._on_unet_forward)
 
     @property
     def masks(self) -> ConceptMasks | None:
@@ -85,7 +84,7 @@ class ConceptrolHandle:
 
     def __call__(self, prompt: str | list[str] | None = None, concepts: list | None = None, **kwargs: Any) -> Any:
         """Run the pipeline under Conceptrol; `concepts` holds one concept per reference image."""
-        if self._hook is None:
+        if self._swap is None:
             raise ConceptrolError("this handle was removed; call apply_conceptrol(pipe) again")
         if concepts is None:
             raise ConceptrolError("pass concepts=[...], one word or phrase from the prompt per reference image")
@@ -103,18 +102,11 @@ class ConceptrolHandle:
 
     def remove(self) -> None:
         """Restore the exact processor objects that were there before; idempotent."""
-        if self._hook is None:
+        if self._swap is None:
             return
-        current = self.pipe.unet.attn_processors
-        if all(current.get(k) is p for k, p in self._installed.items()):
-            self.pipe.unet.set_attn_processor(dict(self._saved))
-        else:
-            warnings.warn(
-                "the U-Net's attention processors were replaced after apply_conceptrol (e.g. by unload_ip_adapter "
-                "or set_attn_processor); they are left as they are now", stacklevel=2,
-            )
-        self._hook.remove()
-        self._hook = None
+        self._swap.undo("the U-Net's attention processors were replaced after apply_conceptrol (e.g. by "
+                        "unload_ip_adapter or set_attn_processor); they are left as they are now")
+        self._swap = None
 
     def _resolve(self, prompt: Any, concepts: list, kwargs: dict) -> ResolvedConcepts:
         num_images = count_reference_images(kwargs, self._num_adapters())

@@ -15,6 +15,7 @@ from ..core.concepts import resolve_concepts
 from ..core.errors import ConceptrolError
 from ..core.masking import layer_grid, text_attention_probs, text_share
 from ..core.recording import MapRecorder
+from ..core.wrapping import ProcessorSwap
 from .processor import _attention_bias, _tokens_in
 
 PROCESSOR_SUFFIX = ".processor"
@@ -30,23 +31,14 @@ class UNetMapRecorder(MapRecorder):
         if any(hasattr(p, "to_k_ip") for p in unet.attn_processors.values()):
             raise ConceptrolError("the block analysis reads the stock model; unload the IP-Adapter first "
                                   "(pipe.unload_ip_adapter())")
-        self._saved = dict(unet.attn_processors)
-        installed = dict(self._saved)
-        for key, processor in self._saved.items():
-            if key.endswith("attn2" + PROCESSOR_SUFFIX):
-                installed[key] = RecordingProcessor(processor, self, key.removesuffix(PROCESSOR_SUFFIX))
-        unet.set_attn_processor(dict(installed))  # set_attn_processor pops entries: pass a copy
         self.latent_hw: tuple[int, int] | None = None
-        self._hook = unet.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._swap = ProcessorSwap(unet, lambda key, stock: RecordingProcessor(stock, self, key.removesuffix(
+            PROCESSOR_SUFFIX)) if key.endswith("attn2" + PROCESSOR_SUFFIX) else stock, self._on_forward)
 
     def spans_for(self, prompt: str, concept: Any) -> list[slice]:
         """The concept's span in the CLIP tokens (positions count the start token)."""
         tokenizer = getattr(self.pipe, "tokenizer", None) or self.pipe.tokenizer_2
         return resolve_concepts(tokenizer, [prompt], [concept], 1).spans[0]
-
-    def remove(self) -> None:
-        self.pipe.unet.set_attn_processor(dict(self._saved))
-        self._hook.remove()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
