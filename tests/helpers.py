@@ -203,14 +203,9 @@ def send_chat_answer(handler, answer: str, status: int = 200, headers: dict | No
 
 
 def cli(capsys, *args):
-    """`conceptrol ARGS` in this process: (exit status, stderr lines); argparse's own exits included."""
-    from conceptrol.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as exited:
-        code = exited.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    """`conceptrol ARGS` in this process: (exit status, stderr lines)."""
+    code, _, err = run_main(capsys, *args)
+    return code, err
 
 
 def dog_and_hat(folder: Path) -> tuple[Path, Path]:
@@ -220,3 +215,19 @@ def dog_and_hat(folder: Path) -> tuple[Path, Path]:
     reference_picture(64).save(folder / "dog.png")
     wave_picture(80).save(folder / "hat.png")
     return folder / "dog.png", folder / "hat.png"
+
+
+def tiny_flux_with_two_xlabs_adapters(folder: Path):
+    """A tiny FLUX.1 pipeline with two random XLabs IP-Adapters loaded at once by `pipe.load_ip_adapter` (saved in
+    `folder`), sharing the first one's image encoder."""
+    from conceptrol.tiny import XLABS_WEIGHTS, load_tiny_xlabs_ip_adapter, save_tiny_xlabs_ip_adapter, tiny_flux
+
+    pipe = tiny_flux(seed=4)
+    pipe.set_progress_bar_config(disable=True)
+    folders = [save_tiny_xlabs_ip_adapter(folder / name, pipe.transformer, seed=seed) for name, seed in (("a", 1), ("b", 2))]
+    load_tiny_xlabs_ip_adapter(pipe, folders[0])  # registers the image encoder and feature extractor
+    pipe.unload_ip_adapter()
+    pipe.load_ip_adapter([str(f) for f in folders], weight_name=[XLABS_WEIGHTS] * 2,
+                         image_encoder_pretrained_model_name_or_path=str(folders[0] / "image_encoder"),
+                         image_encoder_dtype=torch.float32)
+    return pipe

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import FluxPriorReduxPipeline
 from flux_reference import run_reference_ip, run_reference_kontext, run_reference_redux
+from helpers import tiny_flux_with_two_xlabs_adapters
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
 from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
@@ -263,16 +264,7 @@ def test_applying_twice_is_refused_until_removed(kontext_pipe):
 
 
 def test_two_xlabs_adapters_take_one_reference_and_concept_each_as_the_reference_does(tmp_path, dog):
-    from conceptrol.tiny import XLABS_WEIGHTS, save_tiny_xlabs_ip_adapter
-
-    pipe = tiny_flux(seed=4)
-    pipe.set_progress_bar_config(disable=True)
-    folders = [save_tiny_xlabs_ip_adapter(tmp_path / name, pipe.transformer, seed=seed) for name, seed in (("a", 1), ("b", 2))]
-    load_tiny_xlabs_ip_adapter(pipe, folders[0])  # registers the image encoder and feature extractor
-    pipe.unload_ip_adapter()
-    pipe.load_ip_adapter([str(f) for f in folders], weight_name=[XLABS_WEIGHTS] * 2,
-                         image_encoder_pretrained_model_name_or_path=str(folders[0] / "image_encoder"),
-                         image_encoder_dtype=torch.float32)
+    pipe = tiny_flux_with_two_xlabs_adapters(tmp_path)
     images = [tiny_reference_image(seed=1), tiny_reference_image(seed=2)]
     handle = apply_conceptrol(pipe)
     try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
 from flux_reference import run_reference_ip
+from helpers import tiny_flux_with_two_xlabs_adapters
 from PIL import Image, ImageDraw
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
@@ -166,16 +167,7 @@ def test_every_mask_layout_means_the_same(ip_pipe, layout):
 
 
 def test_two_adapters_each_take_their_own_mask_or_none(tmp_path):
-    from conceptrol.tiny import XLABS_WEIGHTS, save_tiny_xlabs_ip_adapter
-
-    pipe = tiny_flux(seed=4)
-    pipe.set_progress_bar_config(disable=True)
-    folders = [save_tiny_xlabs_ip_adapter(tmp_path / name, pipe.transformer, seed=seed) for name, seed in (("a", 1), ("b", 2))]
-    load_tiny_xlabs_ip_adapter(pipe, folders[0])  # registers the image encoder and feature extractor
-    pipe.unload_ip_adapter()
-    pipe.load_ip_adapter([str(f) for f in folders], weight_name=[XLABS_WEIGHTS] * 2,
-                         image_encoder_pretrained_model_name_or_path=str(folders[0] / "image_encoder"),
-                         image_encoder_dtype=torch.float32)
+    pipe = tiny_flux_with_two_xlabs_adapters(tmp_path)
     images = [tiny_reference_image(seed=1), tiny_reference_image(seed=2)]
     beach = slice(7, 12)
     for masks in ([None, RIGHT], [LEFT, RIGHT]):

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+from helpers import run_main
 from PIL import Image
 
 from conceptrol import Concept, ConceptrolError, find_concept_span
@@ -617,16 +618,9 @@ def test_two_subjects_give_one_mask_each_in_reference_order(tmp_path):
     (["--demo", "--adapter-repo", "x"], "--demo uses its own tiny models; leave out --adapter-repo"),
 ])
 def test_ui_checks_every_model_and_adapter_flag_before_serving(args, message, capsys):  # audit D10
-    from conceptrol.cli import main
-
-    try:
-        code = main(["ui", *args])
-    except SystemExit as exited:
-        code = exited.code
-    out, err = capsys.readouterr()
-    assert code == 2 and out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("conceptrol: error: ") and message in lines[0], lines
+    code, out, err = run_main(capsys, "ui", *args)
+    assert code == 2 and out == []
+    assert len(err) == 1 and err[0].startswith("conceptrol: error: ") and message in err[0], err
 
 
 def test_a_ui_flag_mistake_is_one_line_from_the_command_as_users_run_it():  # audit D10, in its own process
