@@ -9,12 +9,14 @@ the attention; this module decides what they add to it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import ConceptrolConfig, StepWindow
 from .masking import references_bias, span_weights, text_share
+from .wrapping import DelegatesBackend
 
 OUTSIDE_WINDOW_SCALE = 0.5  # c outside the [start, end] window, as section 2's reference does
 
@@ -180,3 +182,15 @@ class ReferenceState:
         concept = torch.zeros(r.shape[1], dtype=torch.bool, device=r.device)
         concept[list(call.concepts)] = True
         call.store(torch.where(concept[None, :, None], r / r.mean(dim=-1, keepdim=True), ones))
+
+
+class ReferenceProcessor(DelegatesBackend, nn.Module):
+    """What a family's block processor holds: the stock processor it stands in for (`wrapped`), the handle's state,
+    its block name, and whether it is the concept block (`reads`)."""
+
+    conceptrol = True  # how a handle recognises its own processors
+
+    def __init__(self, wrapped: Any, state: ReferenceState, name: str, reads: bool) -> None:
+        nn.Module.__init__(self)
+        object.__setattr__(self, "wrapped", wrapped)  # not a submodule: no duplicate state-dict keys
+        self.state, self.name, self.reads = state, name, reads

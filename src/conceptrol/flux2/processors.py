@@ -10,21 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.joint import ReferenceState
-from ..core.wrapping import DelegatesBackend
+from ..core.joint import ReferenceProcessor
 from .attention import BlockAttention, attend, double_outputs, double_qkv, single_output, single_qkv
 
 
-class _Flux2Processor(DelegatesBackend, nn.Module):
-    conceptrol = True  # how a handle recognises its own processors
-
-    def __init__(self, wrapped: Any, state: ReferenceState, name: str, reads: bool) -> None:
-        nn.Module.__init__(self)
-        object.__setattr__(self, "wrapped", wrapped)  # not a submodule: no duplicate state-dict keys
-        self.state, self.name, self.reads = state, name, reads
-
+class _Flux2Processor(ReferenceProcessor):
     def _acts(self) -> bool:
         """Whether this call differs from the stock processor's: a bias, or the concept block reading."""
         state = self.state

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.joint import ReferenceState
-from ..core.wrapping import DelegatesBackend
+from ..core.joint import ReferenceProcessor
 from .attention import JointAttention, attend, joint_outputs, joint_qkv
 
 
-class QwenEditProcessor(DelegatesBackend, nn.Module):
+class QwenEditProcessor(ReferenceProcessor):
     """One dual-stream block: [text | latent | ref_1 ... ref_R] with separate text and image projections."""
-
-    conceptrol = True  # how a handle recognises its own processors
-
-    def __init__(self, wrapped: Any, state: ReferenceState, name: str, reads: bool) -> None:
-        nn.Module.__init__(self)
-        object.__setattr__(self, "wrapped", wrapped)  # not a submodule: no duplicate state-dict keys
-        self.state, self.name, self.reads = state, name, reads
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  encoder_hidden_states_mask: Tensor | None = None, attention_mask: Tensor | None = None,
