@@ -87,19 +87,25 @@ def evaluate(pipe: Any, kwargs: dict, device: str) -> tuple[float, int]:
     return wall, memory.peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, depth: dict[str, int]) -> tuple[argparse.Namespace, torch.dtype]:
+    """The options both reference benchmarks take (`depth`: their block counts and defaults), and the dtype; the
+    CPU's allocator fixed so that resident memory is comparable between runs."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--size", type=int, default=256, help="output and reference side in pixels")
-    parser.add_argument("--double", type=int, default=8)
-    parser.add_argument("--single", type=int, default=48)
+    for name, default in depth.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not args.device.startswith("cuda"):
         fixed_mmap_threshold()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    return args, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+
+def main() -> None:
+    args, dtype = arguments(__doc__, {"double": 8, "single": 48})
     model = build_transformer(args.double, args.single, args.device, dtype)
     pipe = make_pipe(model)
     kwargs = inputs(model, args.size // 16, args.device, dtype)
@@ -107,9 +113,7 @@ def main() -> None:
     result = measure(pipe, config, kwargs, SPANS, STEPS, args.device, args.repeats)
     side = args.size // 16
     result["tokens"] = {"text": TEXT_TOKENS, "latent": side * side, "references": [side * side, side * side]}
-    result["setup"] = vars(args) | {"json": str(args.json), "torch": torch.__version__, "width": model.inner_dim,
-                                    "threads": torch.get_num_threads(), "concept_layer": config.concept_layer}
-    report(result, args.json)
+    report(result, args, model.inner_dim, config.concept_layer)
 
 
 def measure(pipe: Any, config: ConceptrolConfig, kwargs: dict, spans: list, steps: int, device: str,
@@ -146,11 +150,13 @@ def measure(pipe: Any, config: ConceptrolConfig, kwargs: dict, spans: list, step
     return result
 
 
-def report(result: dict, path: Path | None) -> None:
-    """The ratios and setup on stdout; everything into `path` when given."""
+def report(result: dict, args: argparse.Namespace, width: int, concept_layer: str) -> None:
+    """The ratios and setup on stdout; everything into --json when given."""
+    result["setup"] = vars(args) | {"json": str(args.json), "torch": torch.__version__, "width": width,
+                                    "threads": torch.get_num_threads(), "concept_layer": concept_layer}
     print(json.dumps({k: v for k, v in result.items() if k not in ("stock", "conceptrol")}), flush=True)
-    if path:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,9 @@ the ratio measures); the concept block is the last one run:
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-from overhead import fixed_mmap_threshold
-from overhead_flux2 import measure, report
+from overhead_flux2 import arguments, measure, report
 
 from conceptrol import ConceptrolConfig
 from conceptrol.tiny.qwen import qwen_edit_components
@@ -57,17 +53,7 @@ def inputs(model: QwenImageTransformer2DModel, side: int, device: str, dtype: to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--size", type=int, default=256, help="output and reference side in pixels")
-    parser.add_argument("--layers", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    if not args.device.startswith("cuda"):
-        fixed_mmap_threshold()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    args, dtype = arguments(__doc__, {"layers": 60})
     model = build_transformer(args.layers, args.device, dtype)
     pipe = QwenImageEditPlusPipeline(**qwen_edit_components(layers=1) | {"transformer": model})  # only it runs
     side = args.size // 16
@@ -76,9 +62,7 @@ def main() -> None:
     result = measure(pipe, config, kwargs, SPANS, STEPS, args.device, args.repeats)
     result["tokens"] = {"text": TEXT_TOKENS, "text_valid": TEXT_TOKENS - PADDING, "latent": side * side,
                         "references": [side * side, side * side]}
-    result["setup"] = vars(args) | {"json": str(args.json), "torch": torch.__version__, "width": model.inner_dim,
-                                    "threads": torch.get_num_threads(), "concept_layer": config.concept_layer}
-    report(result, args.json)
+    report(result, args, model.inner_dim, config.concept_layer)
 
 
 if __name__ == "__main__":
