@@ -344,45 +344,44 @@ def test_the_api_takes_a_concept_for_any_prompt(served, reference_file, prompt, 
     assert [(r.prompt, r.concepts, len(r.references)) for r in requests] == [(prompt, (expected,), 1)]
 
 
-def test_the_pages_own_generate_click_still_names_the_clicked_word(served, reference_file):
-    """The page's click (private: word positions of the page's prompt) sent as the browser sends it, via the queue."""
-    requests = []
-    url, _ = served(lambda request, progress: requests.append(request) or fake_result())
+def uploaded(url, path):
+    """A file uploaded to the served page, as the page's image components hold it."""
+    return {"path": httpx.post(url + "gradio_api/upload", files={"files": path.open("rb")}).json()[0],
+            "meta": {"_type": "gradio.FileData"}}
+
+
+def click_generate_as_the_page_does(url, values, session):
+    """The page's Generate click sent as the browser sends it, through the queue: `values` by elem_id (the other
+    inputs their defaults). Returns the click's dependency, the join response and the completion message."""
     config = httpx.get(url + "config").json()
     components = {c["id"]: c["props"] for c in config["components"]}
     click = next(d for d in config["dependencies"]
                  if d["targets"] and components[d["targets"][0][0]].get("elem_id") == "generate")
-    uploaded = httpx.post(url + "gradio_api/upload", files={"files": reference_file.open("rb")}).json()[0]
-    page_values = {"reference-0": {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "concept-0": ["1"]}
-    data = [page_values.get(components[i].get("elem_id"), components[i].get("value")) for i in click["inputs"]]
-    session = "page-click"
+    data = [values.get(components[i].get("elem_id"), components[i].get("value")) for i in click["inputs"]]
     joined = httpx.post(url + "gradio_api/queue/join", json=dict(data=data, fn_index=click["id"], session_hash=session,
                                                                   trigger_id=click["targets"][0][0], event_data=None))
-    assert joined.status_code == 200 and click["api_visibility"] == "private"
     with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=30) as events:
         done = next(m for line in events.iter_lines() if line.startswith("data:")
                     and (m := json.loads(line[5:]))["msg"] == "process_completed")
+    return click, joined, done
+
+
+def test_the_pages_own_generate_click_still_names_the_clicked_word(served, reference_file):
+    """The page's click (private: word positions of the page's prompt) sent as the browser sends it, via the queue."""
+    requests = []
+    url, _ = served(lambda request, progress: requests.append(request) or fake_result())
+    click, joined, done = click_generate_as_the_page_does(
+        url, {"reference-0": uploaded(url, reference_file), "concept-0": ["1"]}, "page-click")
+    assert joined.status_code == 200 and click["api_visibility"] == "private"
     assert done["success"] and [r.concepts for r in requests] == [(Concept("dog"),)]
 
 
 def test_the_pages_no_concept_box_reaches_the_request_as_a_global_reference(served, reference_file):
     requests = []
     url, _ = served(lambda request, progress: requests.append(request) or fake_result())
-    config = httpx.get(url + "config").json()
-    components = {c["id"]: c["props"] for c in config["components"]}
-    click = next(d for d in config["dependencies"]
-                 if d["targets"] and components[d["targets"][0][0]].get("elem_id") == "generate")
-    uploaded = [httpx.post(url + "gradio_api/upload", files={"files": reference_file.open("rb")}).json()[0]
-                for _ in range(2)]
-    page_values = {"reference-0": {"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}, "concept-0": ["1"],
-                   "reference-1": {"path": uploaded[1], "meta": {"_type": "gradio.FileData"}}, "global-1": True}
-    data = [page_values.get(components[i].get("elem_id"), components[i].get("value")) for i in click["inputs"]]
-    session = "page-global"
-    httpx.post(url + "gradio_api/queue/join", json=dict(data=data, fn_index=click["id"], session_hash=session,
-                                                        trigger_id=click["targets"][0][0], event_data=None))
-    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=30) as events:
-        done = next(m for line in events.iter_lines() if line.startswith("data:")
-                    and (m := json.loads(line[5:]))["msg"] == "process_completed")
+    _, _, done = click_generate_as_the_page_does(
+        url, {"reference-0": uploaded(url, reference_file), "concept-0": ["1"],
+              "reference-1": uploaded(url, reference_file), "global-1": True}, "page-global")
     assert done["success"] and [r.concepts for r in requests] == [(Concept("dog"), None)]
 
 
