@@ -58,3 +58,15 @@ def tiny_folder(tmp_path_factory):
     from conceptrol.tiny import save_tiny_sd15
 
     return save_tiny_sd15(tmp_path_factory.mktemp("tiny-weights"))
+
+
+@pytest.fixture(scope="module")
+def ip_pipe(tmp_path_factory):
+    """A tiny FLUX.1 pipeline with a random XLabs IP-Adapter loaded by `pipe.load_ip_adapter` (a module may define
+    its own `ip_pipe`, as test_flux_reference.py does)."""
+    from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux
+
+    pipe = tiny_flux(seed=1)
+    load_tiny_xlabs_ip_adapter(pipe, tmp_path_factory.mktemp("xlabs"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -12,7 +12,7 @@ from flux_reference import run_reference_ip, run_reference_kontext, run_referenc
 from helpers import tiny_flux_with_two_xlabs_adapters
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
-from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
+from conceptrol.tiny import tiny_flux, tiny_kontext, tiny_redux_prior, tiny_reference_image
 
 PROMPT = "a dog on a beach"
 ROUND_OFF = 1e-5  # explicit softmax (the reference) against SDPA, over 57 blocks
@@ -27,14 +27,6 @@ def dog(ip_pipe):
     tokens = ip_pipe.tokenizer_2.convert_ids_to_tokens(ip_pipe.tokenizer_2(PROMPT).input_ids)
     assert "".join(tokens[1:4]).replace("▁", "") == "dog" and tokens[1].startswith("▁")
     return slice(1, 4)
-
-
-@pytest.fixture(scope="module")
-def ip_pipe(tmp_path_factory):
-    pipe = tiny_flux(seed=1)
-    load_tiny_xlabs_ip_adapter(pipe, tmp_path_factory.mktemp("xlabs"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from helpers import tiny_flux_with_two_xlabs_adapters
 from PIL import Image, ImageDraw
 
 from conceptrol import ConceptrolConfig, ConceptrolError, apply_conceptrol
-from conceptrol.tiny import load_tiny_xlabs_ip_adapter, tiny_flux, tiny_reference_image
+from conceptrol.tiny import tiny_reference_image
 
 PROMPT = "a dog on a beach"
 OTHER = "a cat and a dog"
@@ -24,14 +24,6 @@ GRID = (8, 12)
 ROUND_OFF = 1e-5  # explicit softmax (the reference) against SDPA, over 57 blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ip_pipe(tmp_path_factory):
-    pipe = tiny_flux(seed=1)
-    load_tiny_xlabs_ip_adapter(pipe, tmp_path_factory.mktemp("xlabs"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def kwargs(steps=2, masks=None, **extra):
