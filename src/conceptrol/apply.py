@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from .core.config import ConceptrolConfig
@@ -41,17 +42,26 @@ def apply_conceptrol(pipe: Any, config: ConceptrolConfig | None = None, redux: A
     (QwenImageEditPlusPipeline, QwenImageEditPipeline) with several reference images.
     """
     keywords = {name: value for name, value in {"redux": redux}.items() if value is not None}
-    for family in FAMILIES:
-        with quiet_imports():
-            module = importlib.import_module(f".{family.package}", __package__)
-        if module.recognises(pipe):
-            _check_keywords(pipe, family, keywords)
-            return module.install(pipe, config or ConceptrolConfig(), **keywords)
+    found = family_of(pipe)
+    if found is not None:
+        family, module = found
+        _check_keywords(pipe, family, keywords)
+        return module.install(pipe, config or ConceptrolConfig(), **keywords)
     raise ConceptrolError(
         f"{type(pipe).__name__} is not supported; Conceptrol supports Stable Diffusion 1.5 and SDXL pipelines "
         "with an IP-Adapter, FLUX.1 pipelines with OminiControl, XLabs' IP-Adapter, Kontext or Redux, FLUX.2 "
         "pipelines and Qwen-Image-Edit pipelines"
     )
+
+
+def family_of(pipe: Any) -> tuple[Family, ModuleType] | None:
+    """The first family of FAMILIES that recognises `pipe`, and its package (imported); None when none does."""
+    for family in FAMILIES:
+        with quiet_imports():
+            module = importlib.import_module(f".{family.package}", __package__)
+        if module.recognises(pipe):
+            return family, module
+    return None
 
 
 def _check_keywords(pipe: Any, family: Family, keywords: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +13,6 @@ from torch import Tensor
 from ..core.callbacks import chain_step_callback
 from ..core.config import CONCEPT_LAYERS
 from ..core.errors import ConceptrolError
-from ..core.quiet import quiet_imports
 from ..core.recording import MapRecorder
 from .auc import cell_counts, map_auc
 from .masks import check_subject, read_mask, subject_pixels
@@ -59,16 +57,16 @@ def analyze_blocks(pipe: Any, prompt: str | None = None, concept: Any = None, ma
 
 
 def map_recorder(pipe: Any) -> tuple[MapRecorder, str]:
-    """The recorder of the family `pipe` belongs to, installed, and the family's architecture (sd15, sdxl, flux)."""
-    from ..apply import FAMILIES
+    """The recorder of the family `pipe` belongs to, installed, and the family's architecture (sd15, sdxl, flux,
+    flux2 or qwenimage)."""
+    from ..apply import family_of
 
-    for entry in FAMILIES:
-        with quiet_imports():
-            family = importlib.import_module(f"..{entry.package}", __package__)
-        if family.recognises(pipe):
-            return family.map_recorder(pipe), family.architecture_of(pipe)
-    raise ConceptrolError(f"{type(pipe).__name__} is not supported by the block analysis; it reads Stable Diffusion "
-                          "1.5 / SDXL U-Nets and FLUX.1 transformers")
+    found = family_of(pipe)
+    if found is None:
+        raise ConceptrolError(f"{type(pipe).__name__} is not supported by the block analysis; it reads Stable "
+                              "Diffusion 1.5 / SDXL U-Nets and the transformers of FLUX.1, FLUX.2 and Qwen-Image-Edit")
+    family = found[1]
+    return family.map_recorder(pipe), family.architecture_of(pipe)
 
 
 def _spans(recorder: MapRecorder, case: AnalysisCase, kwargs: dict) -> list[slice]:

@@ -288,17 +288,15 @@ def xlabs_image_encoder(repo: str, weights: AdapterWeights) -> str:
 
 
 def pipeline_architecture(pipe: Any) -> str:
-    """'flux', 'flux2', 'qwenimage', 'sdxl' or 'sd15'."""
+    """'flux', 'flux2', 'qwenimage', 'sdxl' or 'sd15': the architecture of the family apply_conceptrol would take."""
+    from ..apply import family_of
+
     pipe = getattr(pipe, "pipe", pipe)  # ReduxPipelines
-    transformer = getattr(pipe, "transformer", None)
-    name = type(getattr(transformer, "_orig_mod", transformer)).__name__
-    if name == "Flux2Transformer2DModel":
-        return "flux2"
-    if name.startswith("QwenImage"):
-        return "qwenimage"
-    if hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks"):
-        return "flux"
-    return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
+    found = family_of(pipe)
+    if found is None:
+        raise ConceptrolError(f"{type(pipe).__name__} is not supported; use a Stable Diffusion 1.5, SDXL, FLUX.1, "
+                              "FLUX.2 or Qwen-Image-Edit pipeline")
+    return found[1].architecture_of(pipe)
 
 
 def pipeline_family(pipe: Any) -> str:
